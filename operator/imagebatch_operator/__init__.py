@@ -1,0 +1,1 @@
+"""ImageBatch operator: kopf handlers, pure reconcile logic, one Kubernetes adapter."""

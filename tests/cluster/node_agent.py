@@ -1,0 +1,588 @@
+"""A node agent that stands in for the kubelet: real pods, run as local processes.
+
+No container engine runs on these machines, yet the operator's Jobs must be driven by
+the real Job controller. The agent closes the gap the kubelet would fill:
+
+- registers a Ready Node and binds every unscheduled pod to it (no scheduler runs);
+- runs each container's ``command``/``args`` as a local process (the image is ignored;
+  the project's console scripts are on PATH) with the environment resolved as the
+  kubelet resolves it (see ``podenv``), and, when admission gave the pod a
+  service-account token volume, a kubeconfig built from a TokenRequest for that
+  service account, so the process has exactly the RBAC rights a real pod would;
+- honours ``restartPolicy`` and writes the pod status (phase, container states with
+  exit codes, conditions) so the Job controller counts, retries and completes;
+- treats deletion as termination: SIGTERM, SIGKILL after the grace period, a terminal
+  status, then ``DELETE`` with grace period 0, as the kubelet does.
+
+Run: ``python -m tests.cluster.node_agent --kubeconfig K --server URL --ca CA --workdir D``.
+Container output goes to ``D/logs/<namespace>_<pod>_<container>.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+from tests.cluster import pki, podenv
+from tests.cluster.proc import die_with_parent
+
+log = logging.getLogger("node-agent")
+
+NODE_NAME = "imagebatch-node"
+POD_IP = "127.0.0.1"
+TERMINAL = ("Succeeded", "Failed")
+_SMP = "application/strategic-merge-patch+json"
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod_conditions(ready: bool, stamp: str) -> list[dict[str, str]]:
+    """The four conditions a kubelet keeps on a scheduled pod."""
+    status = "True" if ready else "False"
+    return [
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": stamp},
+        {"type": "Initialized", "status": "True", "lastTransitionTime": stamp},
+        {"type": "ContainersReady", "status": status, "lastTransitionTime": stamp},
+        {"type": "Ready", "status": status, "lastTransitionTime": stamp},
+    ]
+
+
+def terminal_phase(exit_codes: Mapping[str, int]) -> str:
+    """Succeeded only when every container exited 0, as for ``restartPolicy: Never``."""
+    return "Succeeded" if all(code == 0 for code in exit_codes.values()) else "Failed"
+
+
+class Container:
+    """One running container: a process group of its own, output appended to a log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, log: Path):
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.log_path = log
+        self.restarts = 0
+        self.started_at = now()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.started_at = now()
+        with self.log_path.open("ab") as out:
+            try:
+                self.process = subprocess.Popen(
+                    self.argv,
+                    env=self.env,
+                    cwd=self.cwd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,
+                )
+            except OSError as error:
+                out.write(f"cannot start {self.argv[0]!r}: {error}\n".encode())
+                self.process = None
+
+    def exit_code(self) -> int | None:
+        if self.process is None:
+            return 127
+        return self.process.poll()
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class PodRunner(threading.Thread):
+    """Runs one pod from start to a terminal phase, or until it is deleted."""
+
+    def __init__(self, agent: NodeAgent, pod: dict[str, Any]):
+        meta = pod["metadata"]
+        super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
+        self.agent = agent
+        self.pod = pod
+        self.namespace: str = meta["namespace"]
+        self.pod_name: str = meta["name"]
+        self.uid: str = meta["uid"]
+        self.restart_policy: str = pod["spec"].get("restartPolicy", "Always")
+        self.terminate = threading.Event()
+        self.grace_seconds = 30
+        self.containers: list[Container] = []
+        self.started_at = now()
+
+    # -- status ---------------------------------------------------------------
+
+    def _patch_status(self, status: dict[str, Any]) -> None:
+        body = {"metadata": {"uid": self.uid}, "status": status}
+        try:
+            self.agent.core.patch_namespaced_pod_status(
+                self.pod_name, self.namespace, body, _content_type=_SMP
+            )
+        except ApiException as error:
+            if error.status not in (404, 409, 422):
+                log.warning("status of %s/%s: %s", self.namespace, self.pod_name, error.reason)
+
+    def _container_status(self, c: Container, state: dict[str, Any], ready: bool) -> dict[str, Any]:
+        image = next(
+            (x.get("image", "") for x in self.pod["spec"]["containers"] if x["name"] == c.name), ""
+        )
+        return {
+            "name": c.name,
+            "image": image,
+            "imageID": "",
+            "ready": ready,
+            "started": "running" in state,
+            "restartCount": c.restarts,
+            "state": state,
+        }
+
+    def _running_status(self) -> None:
+        stamp = now()
+        self._patch_status(
+            {
+                "phase": "Running",
+                "hostIP": POD_IP,
+                "hostIPs": [{"ip": POD_IP}],
+                "podIP": POD_IP,
+                "podIPs": [{"ip": POD_IP}],
+                "startTime": self.started_at,
+                "conditions": pod_conditions(True, stamp),
+                "containerStatuses": [
+                    self._container_status(c, {"running": {"startedAt": c.started_at}}, True)
+                    for c in self.containers
+                ],
+            }
+        )
+
+    def write_terminal_status(self, exit_codes: dict[str, int], message: str = "") -> None:
+        stamp = now()
+        statuses = []
+        for c in self.containers:
+            code = exit_codes.get(c.name, 137)
+            terminated = {
+                "exitCode": code,
+                "reason": "Completed" if code == 0 else "Error",
+                "startedAt": c.started_at,
+                "finishedAt": stamp,
+            }
+            statuses.append(self._container_status(c, {"terminated": terminated}, False))
+        status: dict[str, Any] = {
+            "phase": terminal_phase(exit_codes) if exit_codes else "Failed",
+            "hostIP": POD_IP,
+            "podIP": POD_IP,
+            "startTime": self.started_at,
+            "conditions": pod_conditions(False, stamp),
+            "containerStatuses": statuses,
+        }
+        if message:
+            status["message"] = message
+        self._patch_status(status)
+
+    def _waiting_status(self, reason: str, message: str) -> None:
+        waiting = {"waiting": {"reason": reason, "message": message}}
+        self._patch_status(
+            {
+                "phase": "Pending",
+                "hostIP": POD_IP,
+                "startTime": self.started_at,
+                "containerStatuses": [
+                    {
+                        "name": c["name"],
+                        "image": c.get("image", ""),
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": waiting,
+                    }
+                    for c in self.pod["spec"]["containers"]
+                ],
+            }
+        )
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def _prepare(self) -> list[Container] | None:
+        """Resolve every container; None while a referenced object is missing."""
+        pod = dict(self.pod)
+        pod["status"] = {**pod.get("status", {}), "podIP": POD_IP, "hostIP": POD_IP}
+        pod_dir = self.agent.workdir / "pods" / f"{self.namespace}_{self.pod_name}_{self.uid[:8]}"
+        pod_dir.mkdir(parents=True, exist_ok=True)
+        base = {
+            "PATH": self.agent.path,
+            "HOME": str(pod_dir),
+            "LANG": "C.UTF-8",
+            "HOSTNAME": pod["spec"].get("hostname") or self.pod_name,
+            "PYTHONUNBUFFERED": "1",
+        }
+        if podenv.wants_service_account_token(pod):
+            base["KUBECONFIG"] = str(self.agent.token_kubeconfig(pod, pod_dir))
+        containers = []
+        for spec in pod["spec"]["containers"]:
+            try:
+                env = podenv.resolve_env(pod, spec, *self.agent.lookups(self.namespace))
+                argv = podenv.command_line(spec, env)
+            except podenv.EnvError as error:
+                self._waiting_status("CreateContainerConfigError", str(error))
+                return None
+            cwd = Path(spec.get("workingDir") or pod_dir)
+            if not cwd.is_dir():
+                cwd = pod_dir
+            log_file = self.agent.logs / f"{self.namespace}_{self.pod_name}_{spec['name']}.log"
+            containers.append(Container(spec["name"], argv, {**base, **env}, cwd, log_file))
+        return containers
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception:  # a broken pod must not take the agent down
+            log.exception("pod %s/%s", self.namespace, self.pod_name)
+        finally:
+            self.agent.finished(self.uid)
+
+    def _run(self) -> None:
+        prepared = None
+        while prepared is None:
+            prepared = self._prepare()
+            if prepared is None and self.terminate.wait(2.0):
+                self.write_terminal_status({}, "deleted before its containers could start")
+                self.agent.delete_pod(self.namespace, self.pod_name, self.uid)
+                return
+        self.containers = prepared
+        for c in self.containers:
+            c.start()
+        self._running_status()
+        log.info("started %s/%s: %s", self.namespace, self.pod_name,
+                 [" ".join(c.argv)[:120] for c in self.containers])
+        exit_codes: dict[str, int] = {}
+        while len(exit_codes) < len(self.containers):
+            if self.terminate.is_set():
+                self._kill()
+                codes = {c.name: (c.exit_code() if c.exit_code() is not None else 137)
+                         for c in self.containers}
+                self.write_terminal_status({k: v for k, v in codes.items() if v is not None})
+                self.agent.delete_pod(self.namespace, self.pod_name, self.uid)
+                return
+            for c in self.containers:
+                if c.name in exit_codes:
+                    continue
+                code = c.exit_code()
+                if code is None:
+                    continue
+                restart = self.restart_policy == "Always" or (
+                    self.restart_policy == "OnFailure" and code != 0
+                )
+                if restart:
+                    c.restarts += 1
+                    time.sleep(min(0.2 * 2**c.restarts, 5.0))
+                    c.start()
+                    self._running_status()
+                else:
+                    exit_codes[c.name] = code
+            time.sleep(0.05)
+        log.info("pod %s/%s exited %s", self.namespace, self.pod_name, exit_codes)
+        self.write_terminal_status(exit_codes)
+        if self.terminate.is_set():
+            self.agent.delete_pod(self.namespace, self.pod_name, self.uid)
+
+    def _kill(self) -> None:
+        for c in self.containers:
+            c.signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_seconds
+        while time.monotonic() < deadline and any(c.exit_code() is None for c in self.containers):
+            time.sleep(0.05)
+        for c in self.containers:
+            c.signal(signal.SIGKILL)
+            if c.process is not None:
+                c.process.wait()
+
+
+class NodeAgent:
+    """Watches every pod; binds the unscheduled ones and runs the ones bound here."""
+
+    def __init__(self, kubeconfig: Path, server: str, ca_cert: Path, workdir: Path):
+        self.api = config.new_client_from_config(str(kubeconfig))
+        self.core = client.CoreV1Api(self.api)
+        self.server = server
+        self.ca_cert = ca_cert
+        self.workdir = workdir
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        tools = str(Path(sys.executable).parent)
+        self.path = os.pathsep.join([tools, os.environ.get("PATH", "/usr/bin:/bin")])
+        self.runners: dict[str, PodRunner] = {}
+        self.done: set[str] = set()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    # -- lookups for env resolution -----------------------------------------
+
+    def _read(self, kind: str, namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            if kind == "secret":
+                obj = self.core.read_namespaced_secret(name, namespace)
+                return {k: base64.b64decode(v).decode() for k, v in (obj.data or {}).items()}
+            cm = self.core.read_namespaced_config_map(name, namespace)
+            return dict(cm.data or {})
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def lookups(
+        self, namespace: str
+    ) -> tuple[podenv.Lookup, podenv.Lookup, podenv.LookupAll, podenv.LookupAll]:
+        """ConfigMap and Secret lookups for ``podenv.resolve_env`` in one namespace."""
+
+        def config_map_all(name: str) -> dict[str, str] | None:
+            return self._read("configmap", namespace, name)
+
+        def secret_all(name: str) -> dict[str, str] | None:
+            return self._read("secret", namespace, name)
+
+        def config_map(name: str, key: str) -> str | None:
+            return (config_map_all(name) or {}).get(key)
+
+        def secret(name: str, key: str) -> str | None:
+            return (secret_all(name) or {}).get(key)
+
+        return config_map, secret, config_map_all, secret_all
+
+    def token_kubeconfig(self, pod: Mapping[str, Any], pod_dir: Path) -> Path:
+        """A kubeconfig holding a TokenRequest token for the pod's service account."""
+        namespace = pod["metadata"]["namespace"]
+        account = pod["spec"].get("serviceAccountName") or "default"
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "expirationSeconds": 3600,
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": pod["metadata"]["name"],
+                    "uid": pod["metadata"]["uid"],
+                },
+            },
+        }
+        result = self.core.create_namespaced_service_account_token(account, namespace, body)
+        path = pod_dir / "serviceaccount.kubeconfig"
+        path.write_text(
+            pki.token_kubeconfig(self.server, self.ca_cert, result.status.token, namespace)
+        )
+        path.chmod(0o600)
+        return path
+
+    # -- node and pods ----------------------------------------------------------
+
+    def register_node(self) -> None:
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": NODE_NAME,
+                "labels": {
+                    "kubernetes.io/hostname": NODE_NAME,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                },
+            },
+        }
+        try:
+            self.core.create_node(node)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+        stamp = now()
+        capacity = {"cpu": "64", "memory": "256Gi", "pods": "1000", "ephemeral-storage": "1Ti"}
+        status = {
+            "status": {
+                "capacity": capacity,
+                "allocatable": capacity,
+                "addresses": [
+                    {"type": "InternalIP", "address": POD_IP},
+                    {"type": "Hostname", "address": NODE_NAME},
+                ],
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "KubeletReady",
+                        "message": "imagebatch node agent is running pods as local processes",
+                        "lastHeartbeatTime": stamp,
+                        "lastTransitionTime": stamp,
+                    }
+                ],
+                "nodeInfo": {
+                    "kubeletVersion": "imagebatch-node-agent",
+                    "operatingSystem": "linux",
+                    "architecture": "amd64",
+                    "containerRuntimeVersion": "process://local",
+                    "kernelVersion": os.uname().release,
+                    "osImage": "local processes",
+                    "kubeProxyVersion": "",
+                    "machineID": "",
+                    "systemUUID": "",
+                    "bootID": "",
+                },
+            }
+        }
+        self.core.patch_node_status(NODE_NAME, status, _content_type=_SMP)
+
+    def bind(self, pod: Mapping[str, Any]) -> None:
+        meta = pod["metadata"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": NODE_NAME},
+        }
+        try:
+            # The Binding response does not deserialise (client-python#547).
+            self.core.create_namespaced_pod_binding(
+                meta["name"], meta["namespace"], body, _preload_content=False
+            )
+        except ApiException as error:
+            if error.status not in (404, 409):
+                log.warning("bind %s/%s: %s", meta["namespace"], meta["name"], error.reason)
+
+    def delete_pod(self, namespace: str, name: str, uid: str) -> None:
+        try:
+            self.core.delete_namespaced_pod(
+                name,
+                namespace,
+                grace_period_seconds=0,
+                body=client.V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid)
+                ),
+            )
+        except ApiException as error:
+            if error.status not in (404, 409):
+                log.warning("delete %s/%s: %s", namespace, name, error.reason)
+
+    def finished(self, uid: str) -> None:
+        with self.lock:
+            self.runners.pop(uid, None)
+            self.done.add(uid)
+
+    def handle(self, event_type: str, pod: dict[str, Any]) -> None:
+        if event_type == "DELETED":
+            return
+        meta = pod["metadata"]
+        spec = pod["spec"]
+        uid = meta["uid"]
+        node = spec.get("nodeName")
+        phase = pod.get("status", {}).get("phase")
+        deleting = meta.get("deletionTimestamp") is not None
+        if not node:
+            if not deleting and spec.get("schedulerName", "default-scheduler") == "default-scheduler":
+                self.bind(pod)
+            return
+        if node != NODE_NAME:
+            return
+        with self.lock:
+            runner = self.runners.get(uid)
+            seen = uid in self.done
+        if deleting:
+            if runner is not None:
+                runner.grace_seconds = int(meta.get("deletionGracePeriodSeconds") or 0)
+                runner.terminate.set()
+            elif phase in TERMINAL or seen:
+                self.delete_pod(meta["namespace"], meta["name"], uid)
+            else:
+                PodRunner(self, pod).write_terminal_status({}, "deleted before it started")
+                self.delete_pod(meta["namespace"], meta["name"], uid)
+            return
+        if runner is not None or seen or phase in TERMINAL:
+            return
+        runner = PodRunner(self, pod)
+        with self.lock:
+            self.runners[uid] = runner
+        runner.start()
+
+    def watch_pods(self) -> None:
+        while not self.stop.is_set():
+            try:
+                response = self.core.list_pod_for_all_namespaces(_preload_content=False)
+                listing = json.loads(response.data)
+                for pod in listing["items"]:
+                    self.handle("ADDED", pod)
+                version = listing["metadata"]["resourceVersion"]
+                stream = watch.Watch().stream(
+                    self.core.list_pod_for_all_namespaces,
+                    resource_version=version,
+                    timeout_seconds=30,
+                )
+                for event in stream:
+                    if self.stop.is_set():
+                        break
+                    self.handle(event["type"], event["raw_object"])
+            except ApiException as error:
+                if error.status != 410:
+                    log.warning("pod watch: %s", error.reason)
+                    time.sleep(1)
+            except Exception as error:  # the API server may restart; keep going
+                if self.stop.is_set():
+                    break
+                log.warning("pod watch: %s", error)
+                time.sleep(1)
+
+    def shutdown(self) -> None:
+        """Stop every pod process: SIGTERM, a short grace, then SIGKILL."""
+        self.stop.set()
+        with self.lock:
+            runners = list(self.runners.values())
+        for runner in runners:
+            for c in runner.containers:
+                c.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        for runner in runners:
+            for c in runner.containers:
+                while c.exit_code() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                c.signal(signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kubeconfig", type=Path, required=True)
+    parser.add_argument("--server", required=True)
+    parser.add_argument("--ca", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    agent = NodeAgent(args.kubeconfig, args.server, args.ca, args.workdir)
+
+    def on_signal(signum: int, frame: object) -> None:
+        agent.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.register_node()
+    (args.workdir / "node-ready").touch()
+    agent.watch_pods()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

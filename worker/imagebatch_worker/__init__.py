@@ -1,0 +1,1 @@
+"""ImageBatch worker: fetch, compress and store one shard of images. No Kubernetes here."""

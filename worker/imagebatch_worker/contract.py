@@ -1,0 +1,191 @@
+"""The contract between the operator and the worker: object keys and shard manifests.
+
+Both sides import this module and nothing else of each other. The operator writes one
+shard manifest per Job index; the worker pod for that index reads it, processes every
+image in it and writes one result manifest. Everything is plain JSON in MinIO under the
+batch's prefix (DESIGN.md §5)::
+
+    <prefix>output.csv
+    <prefix>errors.csv
+    <prefix>images/<key>.<ext>
+    <prefix>.runs/<run>/shards/<i>.json
+    <prefix>.runs/<run>/results/<i>.json
+
+Output keys are content-addressed over the source URL and the compression settings, so
+a URL repeated across rows is processed once and a re-run with the same settings finds
+its outputs already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+MANIFEST_VERSION = 1
+
+# Worker exit codes: the contract with the Job's podFailurePolicy.
+EXIT_OK = 0  # the shard finished; failed images are recorded, not fatal
+EXIT_RETRY = 1  # the shard could not finish (storage down, ...): the Job retries the index
+EXIT_PERMANENT = 42  # the shard can never finish (manifest unreadable): FailIndex
+
+FORMAT_EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "avif": "avif", "png": "png", "gif": "gif"}
+
+
+class Stage(StrEnum):
+    """Where an image failed; the ``stage`` column of errors.csv."""
+
+    VALIDATE = "validate"
+    FETCH = "fetch"
+    DECODE = "decode"
+    ENCODE = "encode"
+    STORE = "store"
+    SHARD = "shard"  # the whole shard failed permanently; its images are reported so
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Compression settings of a run, as in ``spec.compression``."""
+
+    quality: int = 50
+    format: str = "jpeg"  # jpeg | webp | avif | original
+    max_dimension: int | None = None
+
+    def identity(self) -> str:
+        return f"q={self.quality};f={self.format};d={self.max_dimension or 0}"
+
+
+def image_digest(url: str, compression: Compression) -> str:
+    """The content address of one output: source identity plus compression settings."""
+    material = f"{url}\n{compression.identity()}".encode()
+    return hashlib.sha256(material).hexdigest()[:40]
+
+
+def image_key(prefix: str, url: str, compression: Compression) -> str:
+    """Object key of a compressed image, without extension for ``original`` format.
+
+    For a fixed target format the extension is known up front; for ``original`` the
+    worker appends the sniffed format's extension and records the full key in its
+    result.
+    """
+    digest = image_digest(url, compression)
+    base = f"{prefix}images/{digest}"
+    ext = FORMAT_EXTENSIONS.get(compression.format)
+    return f"{base}.{ext}" if ext else base
+
+
+def run_prefix(prefix: str, run: str) -> str:
+    return f"{prefix}.runs/{run}/"
+
+
+def shard_manifest_key(prefix: str, run: str, index: int) -> str:
+    return f"{run_prefix(prefix, run)}shards/{index}.json"
+
+
+def shard_result_key(prefix: str, run: str, index: int) -> str:
+    return f"{run_prefix(prefix, run)}results/{index}.json"
+
+
+def output_csv_key(prefix: str) -> str:
+    return f"{prefix}output.csv"
+
+
+def errors_csv_key(prefix: str) -> str:
+    return f"{prefix}errors.csv"
+
+
+@dataclass(frozen=True)
+class ShardImage:
+    """One image a shard must produce."""
+
+    url: str
+    key: str
+
+
+@dataclass(frozen=True)
+class ShardManifest:
+    """Input of one Job index: which images, where to put them, how to compress."""
+
+    run: str
+    index: int
+    bucket: str
+    prefix: str
+    compression: Compression
+    images: tuple[ShardImage, ...]
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> bytes:
+        doc = asdict(self)
+        doc["images"] = [asdict(i) for i in self.images]
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ShardManifest:
+        """Parse a manifest; raises ``ValueError`` on anything malformed."""
+        try:
+            doc = json.loads(data)
+            if doc.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"unsupported manifest version {doc.get('version')!r}")
+            return cls(
+                run=str(doc["run"]),
+                index=int(doc["index"]),
+                bucket=str(doc["bucket"]),
+                prefix=str(doc["prefix"]),
+                compression=Compression(**doc["compression"]),
+                images=tuple(ShardImage(str(i["url"]), str(i["key"])) for i in doc["images"]),
+            )
+        except (KeyError, TypeError, json.JSONDecodeError) as error:
+            raise ValueError(f"malformed shard manifest: {error}") from error
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What happened to one image. ``error`` set means it failed at ``stage``."""
+
+    url: str
+    key: str  # the final object key (with extension) when it succeeded
+    ok: bool
+    input_bytes: int = 0
+    output_bytes: int = 0
+    format: str = ""  # the output format
+    width: int = 0
+    height: int = 0
+    kept_original: bool = False  # re-encoding was larger, the source bytes were stored
+    skipped: bool = False  # the output already existed (a retry or a re-run)
+    stage: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """Output of one Job index: one entry per image of its manifest, in manifest order."""
+
+    run: str
+    index: int
+    images: tuple[ImageResult, ...]
+    started_at: str = ""
+    finished_at: str = ""
+    version: int = MANIFEST_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        doc = asdict(self)
+        doc["images"] = [asdict(i) for i in self.images]
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ShardResult:
+        try:
+            doc = json.loads(data)
+            return cls(
+                run=str(doc["run"]),
+                index=int(doc["index"]),
+                images=tuple(ImageResult(**i) for i in doc["images"]),
+                started_at=str(doc.get("started_at", "")),
+                finished_at=str(doc.get("finished_at", "")),
+                extra=dict(doc.get("extra") or {}),
+            )
+        except (KeyError, TypeError, json.JSONDecodeError) as error:
+            raise ValueError(f"malformed shard result: {error}") from error

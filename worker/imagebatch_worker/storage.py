@@ -1,0 +1,158 @@
+"""The one MinIO client both the operator and the worker use.
+
+A thin layer over the ``minio`` SDK that turns its many failure types into two that
+callers act on: ``ObjectNotFound`` (a fact about the data) and ``StorageUnavailable``
+(retry later: the operator with a TemporaryError, the worker with a non-zero exit so
+the Job retries the shard). Credentials are never part of a message.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+
+class StorageError(Exception):
+    """Base of the storage errors."""
+
+
+class ObjectNotFound(StorageError):
+    """The bucket or the key does not exist."""
+
+
+class StorageUnavailable(StorageError):
+    """MinIO could not be reached or refused the request; worth retrying."""
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where MinIO is and how to log in. Read from ``MINIO_*`` environment variables."""
+
+    endpoint: str  # host:port, no scheme
+    access_key: str
+    secret_key: str
+    secure: bool = False
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> StorageSettings:
+        source = os.environ if env is None else env
+        missing = [k for k in ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY")
+                   if not source.get(k)]
+        if missing:
+            raise ValueError(f"missing storage settings: {', '.join(missing)}")
+        return cls(
+            endpoint=source["MINIO_ENDPOINT"],
+            access_key=source["MINIO_ACCESS_KEY"],
+            secret_key=source["MINIO_SECRET_KEY"],
+            secure=source.get("MINIO_SECURE", "false").lower() in ("1", "true", "yes"),
+            region=source.get("MINIO_REGION") or None,
+        )
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"StorageSettings(endpoint={self.endpoint!r}, secure={self.secure})"
+
+
+_MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+
+
+class Storage:
+    """Bytes in, bytes out, with errors a caller can act on."""
+
+    def __init__(self, settings: StorageSettings, *, timeout: float = 30.0, retries: int = 2):
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5.0, read=timeout),
+            maxsize=16,
+            retries=urllib3.Retry(
+                total=retries, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
+            ),
+        )
+        self.settings = settings
+        self.client = Minio(
+            settings.endpoint,
+            access_key=settings.access_key,
+            secret_key=settings.secret_key,
+            secure=settings.secure,
+            region=settings.region,
+            http_client=http,
+        )
+
+    def _fail(self, error: Exception, what: str) -> StorageError:
+        if isinstance(error, S3Error):
+            if error.code in _MISSING:
+                return ObjectNotFound(f"{what}: {error.code}")
+            return StorageUnavailable(f"{what}: {error.code}: {error.message}")
+        return StorageUnavailable(f"{what}: {type(error).__name__}: {error}")
+
+    def ensure_bucket(self, bucket: str) -> None:
+        try:
+            if not self.client.bucket_exists(bucket):
+                self.client.make_bucket(bucket)
+        except S3Error as error:
+            if error.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise self._fail(error, f"bucket {bucket}") from error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._fail(error, f"bucket {bucket}") from error
+
+    def get(self, bucket: str, key: str) -> bytes:
+        try:
+            response = self.client.get_object(bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._fail(error, f"get {bucket}/{key}") from error
+
+    def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
+        try:
+            self.client.put_object(
+                bucket, key, io.BytesIO(data), len(data), content_type=content_type
+            )
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._fail(error, f"put {bucket}/{key}") from error
+
+    def put_file(self, bucket: str, key: str, path: str, content_type: str) -> None:
+        try:
+            self.client.fput_object(bucket, key, path, content_type=content_type)
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._fail(error, f"put {bucket}/{key}") from error
+
+    def exists(self, bucket: str, key: str) -> bool:
+        try:
+            self.client.stat_object(bucket, key)
+            return True
+        except S3Error as error:
+            if error.code in _MISSING:
+                return False
+            raise self._fail(error, f"stat {bucket}/{key}") from error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._fail(error, f"stat {bucket}/{key}") from error
+
+    def list_keys(self, bucket: str, prefix: str) -> Iterator[str]:
+        try:
+            for obj in self.client.list_objects(bucket, prefix=prefix, recursive=True):
+                if obj.object_name is not None:
+                    yield obj.object_name
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._fail(error, f"list {bucket}/{prefix}") from error
+
+    def delete_prefix(self, bucket: str, prefix: str) -> int:
+        """Remove every object under ``prefix``; return how many there were."""
+        from minio.deleteobjects import DeleteObject
+
+        keys = [DeleteObject(k) for k in self.list_keys(bucket, prefix)]
+        try:
+            errors = list(self.client.remove_objects(bucket, keys))
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._fail(error, f"delete {bucket}/{prefix}") from error
+        if errors:
+            raise StorageUnavailable(f"delete {bucket}/{prefix}: {len(errors)} objects failed")
+        return len(keys)
