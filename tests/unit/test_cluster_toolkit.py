@@ -1,0 +1,241 @@
+"""The local cluster toolkit's pure parts: replace-line generation and kubelet-style env."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.cluster import build, node_agent, podenv
+
+KUBERNETES_GO_MOD = """
+module k8s.io/kubernetes
+
+go 1.25.0
+
+require (
+	github.com/blang/semver/v4 v4.0.0
+	k8s.io/api v0.0.0
+	k8s.io/client-go v0.0.0
+	k8s.io/kube-openapi v0.0.0-20250910181357-589584f1c912
+	k8s.io/utils v0.0.0-20251002143259-bc988d571ff4
+	k8s.io/kubectl v0.0.0 // indirect
+)
+
+replace (
+	k8s.io/api => ./staging/src/k8s.io/api
+	k8s.io/client-go => ./staging/src/k8s.io/client-go
+	k8s.io/cri-streaming => ./staging/src/k8s.io/cri-streaming
+)
+"""
+
+
+def test_replace_lines_cover_every_staging_module_and_nothing_else() -> None:
+    lines = build.replace_lines(KUBERNETES_GO_MOD, "v1.35.4")
+    assert lines == [
+        "replace k8s.io/api => k8s.io/api v0.35.4",
+        "replace k8s.io/client-go => k8s.io/client-go v0.35.4",
+        "replace k8s.io/cri-streaming => k8s.io/cri-streaming v0.35.4",
+        "replace k8s.io/kubectl => k8s.io/kubectl v0.35.4",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kubernetes", "staging"),
+    [("v1.34.4", "v0.34.4"), ("v1.36.1", "v0.36.1"), ("v1.37.0-rc.1", "v0.37.0-rc.1")],
+)
+def test_staging_version_follows_the_release(kubernetes: str, staging: str) -> None:
+    assert build.staging_version(kubernetes) == staging
+
+
+@pytest.mark.parametrize("bad", ["1.35.4", "v2.0.0", "latest", "v1.35"])
+def test_staging_version_rejects_what_is_not_a_release(bad: str) -> None:
+    with pytest.raises(ValueError, match="not a Kubernetes release"):
+        build.staging_version(bad)
+
+
+def test_ldflags_stamp_the_real_version() -> None:
+    flags = build.kubernetes_ldflags("v1.35.4")
+    assert "-X k8s.io/component-base/version.gitVersion=v1.35.4" in flags
+    assert "-X k8s.io/component-base/version.gitMinor=35" in flags
+
+
+def test_binary_path_is_keyed_by_version(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setenv("IMAGEBATCH_CACHE", str(tmp_path))
+    assert build.binary_path("etcd") == tmp_path / "bin" / f"etcd-{build.ETCD_VERSION}"
+    with pytest.raises(KeyError):
+        build.binary_path("docker")
+
+
+POD: dict[str, Any] = {
+    "metadata": {
+        "name": "job-1-abcde",
+        "namespace": "team-a",
+        "uid": "1234",
+        "labels": {"batch.kubernetes.io/job-completion-index": "1"},
+        "annotations": {"batch.kubernetes.io/job-completion-index": "1"},
+    },
+    "spec": {"nodeName": "n1", "serviceAccountName": "worker"},
+    "status": {"podIP": "127.0.0.1", "hostIP": "127.0.0.1"},
+}
+CONFIG_MAPS = {"settings": {"LEVEL": "debug", "MODE": "fast"}}
+SECRETS = {"creds": {"KEY": "s3cr3t"}}
+
+
+def resolve(container: dict[str, Any]) -> dict[str, str]:
+    return podenv.resolve_env(
+        POD,
+        container,
+        lambda name, key: CONFIG_MAPS.get(name, {}).get(key),
+        lambda name, key: SECRETS.get(name, {}).get(key),
+        CONFIG_MAPS.get,
+        SECRETS.get,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param([{"name": "A", "value": "1"}], {"A": "1"}, id="plain-value"),
+        pytest.param(
+            [{"name": "A", "value": "x"}, {"name": "B", "value": "$(A)-y"}],
+            {"A": "x", "B": "x-y"},
+            id="expands-earlier-vars",
+        ),
+        pytest.param(
+            [{"name": "B", "value": "$(NOPE) $$(A)"}], {"B": "$(NOPE) $(A)"}, id="unknown-and-escape"
+        ),
+        pytest.param(
+            [
+                {
+                    "name": "JOB_COMPLETION_INDEX",
+                    "valueFrom": {
+                        "fieldRef": {
+                            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+                        }
+                    },
+                }
+            ],
+            {"JOB_COMPLETION_INDEX": "1"},
+            id="index-from-annotation",
+        ),
+        pytest.param(
+            [
+                {
+                    "name": "I",
+                    "valueFrom": {
+                        "fieldRef": {
+                            "fieldPath": "metadata.labels['batch.kubernetes.io/job-completion-index']"
+                        }
+                    },
+                }
+            ],
+            {"I": "1"},
+            id="index-from-label",
+        ),
+        pytest.param(
+            [
+                {"name": "N", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "SA", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+                {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            ],
+            {"N": "job-1-abcde", "NS": "team-a", "SA": "worker", "IP": "127.0.0.1"},
+            id="downward-api",
+        ),
+        pytest.param(
+            [
+                {"name": "K", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "KEY"}}},
+                {"name": "L", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "LEVEL"}}},
+            ],
+            {"K": "s3cr3t", "L": "debug"},
+            id="key-refs",
+        ),
+        pytest.param(
+            [
+                {
+                    "name": "O",
+                    "valueFrom": {
+                        "secretKeyRef": {"name": "creds", "key": "NONE", "optional": True}
+                    },
+                }
+            ],
+            {},
+            id="optional-missing-key",
+        ),
+    ],
+)
+def test_env_resolves_like_the_kubelet(env: list[dict[str, Any]], expected: dict[str, str]) -> None:
+    assert resolve({"name": "c", "env": env}) == expected
+
+
+def test_env_from_comes_first_and_env_overrides_it() -> None:
+    container = {
+        "name": "c",
+        "envFrom": [{"configMapRef": {"name": "settings"}}, {"secretRef": {"name": "creds"}, "prefix": "S_"}],
+        "env": [{"name": "MODE", "value": "slow"}],
+    }
+    assert resolve(container) == {"LEVEL": "debug", "MODE": "slow", "S_KEY": "s3cr3t"}
+
+
+@pytest.mark.parametrize(
+    ("container", "message"),
+    [
+        pytest.param(
+            {"name": "c", "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k"}}}]},
+            "secretKeyRef gone/k not found",
+            id="missing-secret",
+        ),
+        pytest.param(
+            {"name": "c", "envFrom": [{"configMapRef": {"name": "gone"}}]},
+            "configMapRef 'gone' not found",
+            id="missing-envfrom",
+        ),
+        pytest.param(
+            {"name": "c", "env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "spec.bogus"}}}]},
+            "unsupported fieldRef.fieldPath 'spec.bogus'",
+            id="unknown-field",
+        ),
+    ],
+)
+def test_unresolvable_env_names_the_reference(container: dict[str, Any], message: str) -> None:
+    with pytest.raises(podenv.EnvError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve(container)
+
+
+def test_command_and_args_expand_env() -> None:
+    container = {"name": "c", "command": ["worker", "--shard", "$(I)"], "args": ["$(MISSING)"]}
+    assert podenv.command_line(container, {"I": "3"}) == ["worker", "--shard", "3", "$(MISSING)"]
+
+
+def test_a_container_without_command_is_refused() -> None:
+    with pytest.raises(podenv.EnvError, match="has no command"):
+        podenv.command_line({"name": "c", "image": "busybox"}, {})
+
+
+@pytest.mark.parametrize(
+    ("volumes", "wanted"),
+    [
+        ([], False),
+        ([{"name": "data", "emptyDir": {}}], False),
+        (
+            [
+                {
+                    "name": "kube-api-access-x",
+                    "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]},
+                }
+            ],
+            True,
+        ),
+    ],
+)
+def test_token_only_where_admission_projected_one(volumes: list[Any], wanted: bool) -> None:
+    assert podenv.wants_service_account_token({"spec": {"volumes": volumes}}) is wanted
+
+
+@pytest.mark.parametrize(
+    ("codes", "phase"),
+    [({"a": 0}, "Succeeded"), ({"a": 0, "b": 1}, "Failed"), ({"a": 137}, "Failed")],
+)
+def test_terminal_phase_needs_every_container_to_exit_zero(codes: dict[str, int], phase: str) -> None:
+    assert node_agent.terminal_phase(codes) == phase

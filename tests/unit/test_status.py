@@ -1,0 +1,87 @@
+"""Status and conditions computed from observations, as kstatus and kubectl wait read them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from imagebatch_operator.status import Counts, Observation, Reason, Stage, compute_status, differs, set_condition
+
+T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+
+
+def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+@pytest.mark.parametrize(
+    ("stage", "phase", "ready", "stalled", "reconciling"),
+    [
+        (Stage.PENDING, "Pending", ("False", "Pending"), "False", "True"),
+        (Stage.VALIDATING, "Validating", ("False", "Validating"), "False", "True"),
+        (Stage.SOURCE_UNAVAILABLE, "Validating", ("False", "SourceUnavailable"), "False", "True"),
+        (Stage.RUNNING, "Running", ("False", "Running"), "False", "True"),
+        (Stage.SUCCEEDED, "Succeeded", ("True", "Succeeded"), "False", "False"),
+        (Stage.FAILED, "Failed", ("False", "TooManyFailedImages"), "True", "False"),
+        (Stage.INVALID, "Failed", ("False", "InvalidCSV"), "True", "False"),
+    ],
+)
+def test_every_stage_has_ready_and_kstatus_conditions(
+    stage: Stage, phase: str, ready: tuple[str, str], stalled: str, reconciling: str
+) -> None:
+    status = compute_status({}, Observation(generation=2, stage=stage), T0)
+    c = conds(status)
+    assert status["phase"] == phase
+    assert c["Ready"] == ready
+    assert c["Stalled"][0] == stalled
+    assert c["Reconciling"][0] == reconciling
+    assert status["observedGeneration"] == 2
+    assert all(x["observedGeneration"] == 2 for x in status["conditions"])
+
+
+def test_invalid_csv_sets_validated_false_with_reason() -> None:
+    status = compute_status({}, Observation(generation=1, stage=Stage.INVALID, message="bad row 3"), T0)
+    assert conds(status)["Validated"] == ("False", "InvalidCSV")
+    assert conds(status)["Failed"] == ("True", "InvalidCSV")
+
+
+def test_success_with_some_failed_images_says_so() -> None:
+    o = Observation(generation=1, stage=Stage.SUCCEEDED, images=Counts(total=10, succeeded=9, failed=1))
+    status = compute_status({}, o, T0)
+    assert conds(status)["Complete"] == ("True", "SucceededWithFailures")
+    assert status["images"] == {"total": 10, "succeeded": 9, "failed": 1, "skipped": 0}
+    assert status["imagesSummary"] == "9/10"
+
+
+def test_transition_time_kept_while_the_status_does_not_change() -> None:
+    first = compute_status({}, Observation(generation=1, stage=Stage.RUNNING), T0)
+    second = compute_status(first, Observation(generation=1, stage=Stage.RUNNING, images=Counts(total=4, succeeded=1)), T1)
+    times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
+    assert times["Ready"] == T0 and times["Reconciling"] == T0
+    done = compute_status(second, Observation(generation=1, stage=Stage.SUCCEEDED), T1)
+    times = {c["type"]: c["lastTransitionTime"] for c in done["conditions"]}
+    assert times["Ready"] == T1 and times["Complete"] == T1 and times["Stalled"] == T0
+
+
+def test_set_condition_adds_and_replaces() -> None:
+    c = set_condition([], "Ready", "False", "Pending", "", 1, T0)
+    c = set_condition(c, "Ready", "True", "Succeeded", "ok", 2, T1)
+    assert c == [{"type": "Ready", "status": "True", "reason": "Succeeded", "message": "ok", "observedGeneration": 2, "lastTransitionTime": T1}]
+
+
+def test_webhook_condition_only_when_configured_and_record_is_kept() -> None:
+    without = compute_status({}, Observation(generation=1, stage=Stage.RUNNING), T0)
+    assert "WebhookDelivered" not in conds(without)
+    pending = compute_status({}, Observation(generation=1, stage=Stage.RUNNING, webhook_configured=True), T0)
+    assert conds(pending)["WebhookDelivered"] == ("Unknown", "Pending")
+    delivered = {**pending, "webhook": {"attempts": 1}, "conditions": set_condition(pending["conditions"], "WebhookDelivered", "True", Reason.WEBHOOK_DELIVERED, "", 1, T1)}
+    again = compute_status(delivered, Observation(generation=1, stage=Stage.SUCCEEDED, webhook_configured=True), T1)
+    assert conds(again)["WebhookDelivered"] == ("True", "Delivered")
+    assert again["webhook"] == {"attempts": 1}
+
+
+def test_differs_only_when_a_write_would_change_something() -> None:
+    status = compute_status({}, Observation(generation=1, stage=Stage.RUNNING), T0)
+    assert not differs(status, compute_status(status, Observation(generation=1, stage=Stage.RUNNING), T1))
+    assert differs(status, compute_status(status, Observation(generation=1, stage=Stage.RUNNING, images=Counts(1, 1)), T1))
