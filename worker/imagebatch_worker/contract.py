@@ -31,7 +31,17 @@ EXIT_OK = 0  # the shard finished; failed images are recorded, not fatal
 EXIT_RETRY = 1  # the shard could not finish (storage down, ...): the Job retries the index
 EXIT_PERMANENT = 42  # the shard can never finish (manifest unreadable): FailIndex
 
-FORMAT_EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "avif": "avif", "png": "png", "gif": "gif"}
+# Output format -> file extension. bmp and tiff appear only for compression.format
+# "original", where the key gets the sniffed format's extension.
+FORMAT_EXTENSIONS = {
+    "jpeg": "jpg",
+    "webp": "webp",
+    "avif": "avif",
+    "png": "png",
+    "gif": "gif",
+    "bmp": "bmp",
+    "tiff": "tiff",
+}
 
 
 class Stage(StrEnum):

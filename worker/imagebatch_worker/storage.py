@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import urllib3
@@ -43,8 +43,11 @@ class StorageSettings:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> StorageSettings:
         source = os.environ if env is None else env
-        missing = [k for k in ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY")
-                   if not source.get(k)]
+        missing = [
+            k
+            for k in ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY")
+            if not source.get(k)
+        ]
         if missing:
             raise ValueError(f"missing storage settings: {', '.join(missing)}")
         return cls(
@@ -58,6 +61,18 @@ class StorageSettings:
     def __repr__(self) -> str:  # never print the secret
         return f"StorageSettings(endpoint={self.endpoint!r}, secure={self.secure})"
 
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What ``stat`` tells about a stored object."""
+
+    key: str
+    size: int
+    content_type: str
+    metadata: dict[str, str]  # user metadata: lower-case names without "x-amz-meta-"
+
+
+_USER_METADATA = "x-amz-meta-"
 
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
 
@@ -111,10 +126,23 @@ class Storage:
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
             raise self._fail(error, f"get {bucket}/{key}") from error
 
-    def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
+    def put(
+        self,
+        bucket: str,
+        key: str,
+        data: bytes,
+        content_type: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """Store ``data``; ``metadata`` becomes ``x-amz-meta-*`` user metadata."""
         try:
             self.client.put_object(
-                bucket, key, io.BytesIO(data), len(data), content_type=content_type
+                bucket,
+                key,
+                io.BytesIO(data),
+                len(data),
+                content_type=content_type,
+                metadata=dict(metadata) if metadata else None,
             )
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
             raise self._fail(error, f"put {bucket}/{key}") from error
@@ -124,6 +152,28 @@ class Storage:
             self.client.fput_object(bucket, key, path, content_type=content_type)
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
             raise self._fail(error, f"put {bucket}/{key}") from error
+
+    def stat(self, bucket: str, key: str) -> ObjectInfo | None:
+        """Size, type and user metadata of an object; ``None`` if it does not exist."""
+        try:
+            found = self.client.stat_object(bucket, key)
+        except S3Error as error:
+            if error.code in _MISSING:
+                return None
+            raise self._fail(error, f"stat {bucket}/{key}") from error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._fail(error, f"stat {bucket}/{key}") from error
+        metadata = {
+            name.lower().removeprefix(_USER_METADATA): str(value)
+            for name, value in (found.metadata or {}).items()
+            if name.lower().startswith(_USER_METADATA)
+        }
+        return ObjectInfo(
+            key=key,
+            size=int(found.size or 0),
+            content_type=str(found.content_type or ""),
+            metadata=metadata,
+        )
 
     def exists(self, bucket: str, key: str) -> bool:
         try:
