@@ -1,0 +1,50 @@
+"""Structured log lines: one JSON object per line on stdout.
+
+The worker writes one line per image and one summary per shard, so ``kubectl logs``
+piped to ``jq`` answers "which images failed and why". URLs are logged without userinfo,
+query string or fragment, since a presigned URL carries its signature there; nothing
+in this module ever sees a MinIO credential.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from datetime import UTC, datetime
+from typing import TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+
+def redact_url(url: str) -> str:
+    """``url`` reduced to scheme, host, port and path: safe to log."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<unparseable URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class JsonLog:
+    """Writes one JSON object per line; safe to call from many threads."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def emit(self, event: str, **fields: object) -> None:
+        record: dict[str, object] = {
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "event": event,
+        }
+        record.update(fields)
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
+        stream = self._stream if self._stream is not None else sys.stdout
+        with self._lock:
+            stream.write(line + "\n")
+            stream.flush()

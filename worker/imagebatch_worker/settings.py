@@ -1,0 +1,170 @@
+"""The worker's settings: every limit, timeout and concurrency knob, read once at start.
+
+One frozen value built from ``IMAGEBATCH_*`` environment variables (the operator's
+Job template sets them from its own config). Every limit has a name and a default, so
+an image that hits one fails with a message naming the limit. Where MinIO is lives in
+``storage.StorageSettings``; which shard to run is the Job's input, not a setting
+(``runner.ShardLocation``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MIB = 1024 * 1024
+
+_T = TypeVar("_T")
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    """Parse a comma- or space-separated list of CIDRs; raise ``ValueError`` naming a bad one."""
+    networks: list[IPNetwork] = []
+    for item in text.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as error:
+            raise ValueError(f"IMAGEBATCH_ALLOW_NETS: {item!r} is not a CIDR: {error}") from error
+    return tuple(networks)
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may really use: affinity, capped by a cgroup v2 CPU quota.
+
+    ``os.cpu_count()`` reports the node's cores; a pod limited to 2 CPUs on a 64-core
+    node would otherwise start 64 compressions and be throttled.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = cpus or 1
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota visible: affinity is the answer
+    return count
+
+
+def _read(env: Mapping[str, str], name: str, parse: Callable[[str], _T], default: _T) -> _T:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return parse(raw)
+    except ValueError as error:
+        raise ValueError(f"{name}={raw!r} is not valid: {error}") from error
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or math.isinf(value):  # `not >` also refuses NaN
+        raise ValueError("must be a finite number greater than zero")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Limits and knobs of one worker process. ``from_env`` reads ``IMAGEBATCH_*``."""
+
+    # Largest image body accepted, in bytes (IMAGEBATCH_MAX_IMAGE_BYTES). A declared
+    # Content-Length above it fails before the body is read; a body that grows past
+    # it is cut off as it streams.
+    max_image_bytes: int = 50 * MIB
+    # Largest decoded image, width x height (IMAGEBATCH_MAX_PIXELS): the
+    # decompression-bomb cap, checked from the header before any pixel is decoded.
+    max_pixels: int = 50_000_000
+    # Seconds to open a TCP (and TLS) connection (IMAGEBATCH_CONNECT_TIMEOUT).
+    connect_timeout: float = 5.0
+    # Seconds the server may stay silent while we wait for bytes (IMAGEBATCH_READ_TIMEOUT).
+    read_timeout: float = 15.0
+    # Wall-clock seconds for one image's download, redirects, retries and backoff
+    # included (IMAGEBATCH_IMAGE_TIMEOUT): a server trickling one byte at a time
+    # cannot hold a worker longer than this.
+    image_timeout: float = 60.0
+    # Redirects followed per image; each target is checked like the first URL
+    # (IMAGEBATCH_MAX_REDIRECTS).
+    max_redirects: int = 5
+    # Extra attempts after a transient failure: connection reset, timeout, 429, 5xx
+    # (IMAGEBATCH_RETRIES). A 4xx is never retried.
+    retries: int = 3
+    # First backoff delay in seconds; doubles per attempt, with jitter
+    # (IMAGEBATCH_RETRY_BACKOFF).
+    retry_backoff: float = 0.5
+    # Longest Retry-After we honour, in seconds (IMAGEBATCH_MAX_RETRY_AFTER); a server
+    # asking for more gets this much, and never more than the image's time left.
+    max_retry_after: float = 10.0
+    # Networks the fetcher may reach although they are not global (loopback, private,
+    # ...). Empty by default: only public addresses (IMAGEBATCH_ALLOW_NETS, CIDRs).
+    allow_nets: tuple[IPNetwork, ...] = ()
+    # Images in flight at once: downloads and uploads overlap with compression
+    # (IMAGEBATCH_CONCURRENCY).
+    concurrency: int = 8
+    # Images compressed at once; defaults to the CPUs the pod may use
+    # (IMAGEBATCH_COMPRESS_WORKERS).
+    compress_workers: int = field(default_factory=available_cpus)
+    # CA bundle (file or directory) for https downloads; empty means the system
+    # default bundle (IMAGEBATCH_CA_BUNDLE).
+    ca_bundle: str = ""
+    # User-Agent sent with every download (IMAGEBATCH_USER_AGENT).
+    user_agent: str = "imagebatch-worker/0.1"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
+        """Read the settings; raise ``ValueError`` naming the first bad variable."""
+        source = os.environ if env is None else env
+        defaults = cls()
+        return cls(
+            max_image_bytes=_read(
+                source, "IMAGEBATCH_MAX_IMAGE_BYTES", _positive_int, defaults.max_image_bytes
+            ),
+            max_pixels=_read(source, "IMAGEBATCH_MAX_PIXELS", _positive_int, defaults.max_pixels),
+            connect_timeout=_read(
+                source, "IMAGEBATCH_CONNECT_TIMEOUT", _positive_float, defaults.connect_timeout
+            ),
+            read_timeout=_read(
+                source, "IMAGEBATCH_READ_TIMEOUT", _positive_float, defaults.read_timeout
+            ),
+            image_timeout=_read(
+                source, "IMAGEBATCH_IMAGE_TIMEOUT", _positive_float, defaults.image_timeout
+            ),
+            max_redirects=_read(
+                source, "IMAGEBATCH_MAX_REDIRECTS", _non_negative_int, defaults.max_redirects
+            ),
+            retries=_read(source, "IMAGEBATCH_RETRIES", _non_negative_int, defaults.retries),
+            retry_backoff=_read(
+                source, "IMAGEBATCH_RETRY_BACKOFF", _positive_float, defaults.retry_backoff
+            ),
+            max_retry_after=_read(
+                source, "IMAGEBATCH_MAX_RETRY_AFTER", _positive_float, defaults.max_retry_after
+            ),
+            allow_nets=parse_networks(source.get("IMAGEBATCH_ALLOW_NETS", "")),
+            concurrency=_read(
+                source, "IMAGEBATCH_CONCURRENCY", _positive_int, defaults.concurrency
+            ),
+            compress_workers=_read(
+                source, "IMAGEBATCH_COMPRESS_WORKERS", _positive_int, defaults.compress_workers
+            ),
+            ca_bundle=source.get("IMAGEBATCH_CA_BUNDLE", "").strip(),
+            user_agent=source.get("IMAGEBATCH_USER_AGENT", "").strip() or defaults.user_agent,
+        )
