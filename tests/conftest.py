@@ -55,7 +55,9 @@ def namespace(cluster: LocalCluster) -> Iterator[str]:
     """A namespace of its own for one test, with its default ServiceAccount ready."""
     name = f"t-{uuid.uuid4().hex[:10]}"
     cluster.kubectl("create", "namespace", name)
-    cluster.wait_for(lambda: cluster.kubectl_ok("get", "serviceaccount", "default", "-n", name),
-                     f"default ServiceAccount in {name}")
+    cluster.wait_for(
+        lambda: cluster.kubectl_ok("get", "serviceaccount", "default", "-n", name),
+        f"default ServiceAccount in {name}",
+    )
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)

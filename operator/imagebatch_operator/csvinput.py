@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import io
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -89,15 +88,15 @@ def _counted_text(chunks: Iterable[bytes], max_bytes: int) -> Iterator[str]:
     yield decoder.decode(b"", final=True)
 
 
-class _Lines(io.TextIOBase):
-    """A text stream over an iterator of decoded pieces, for ``csv.reader``."""
+class _Lines:
+    """An iterator of lines over an iterator of decoded pieces, for ``csv.reader``."""
 
     def __init__(self, pieces: Iterator[str]):
         self._pieces = pieces
         self._buffer = ""
 
-    def readable(self) -> bool:
-        return True
+    def __iter__(self) -> _Lines:
+        return self
 
     def __next__(self) -> str:
         while "\n" not in self._buffer:

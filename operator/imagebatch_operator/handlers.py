@@ -16,7 +16,7 @@ import kopf
 from imagebatch_worker.storage import Storage, StorageError
 
 from imagebatch_operator import plan
-from imagebatch_operator.fetching import csv_url_opener
+from imagebatch_operator.fetching import GuardedPoster, csv_url_opener
 from imagebatch_operator.kube import ApiUnavailable, Kube
 from imagebatch_operator.reconcile import Reconciler, RunCache
 from imagebatch_operator.settings import Settings
@@ -42,7 +42,7 @@ def reconciler() -> Reconciler:
         settings = Settings.from_env()
         storage = Storage(settings.storage)
         _state["reconciler"] = Reconciler(
-            settings, Kube(), storage, csv_url_opener(settings)
+            settings, Kube(), storage, csv_url_opener(settings), GuardedPoster(settings.allow_nets)
         )
     value: Reconciler = _state["reconciler"]
     return value
@@ -53,9 +53,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our own logs are not Events; Events are posted on purpose with a reason.
     settings.posting.level = logging.WARNING
     # kopf keeps its progress in annotations, never in our status.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix="imagebatch.dev"
-    )
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="imagebatch.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="imagebatch.dev", key="last-handled-configuration"
     )
@@ -77,7 +75,7 @@ def drive(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_
             failures = 0
         except (StorageError, ApiUnavailable) as error:
             failures += 1
-            delay = min(2.0 ** failures, 60.0)
+            delay = min(2.0**failures, 60.0)
             logger.warning("will retry in %.0fs: %s", delay, error)
         generation = body.get("metadata", {}).get("generation")
         # Wake early when the spec changes (kopf updates ``body`` in place).
@@ -90,12 +88,14 @@ def drive(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_
 
 
 @kopf.on.delete(plan.GROUP, plan.VERSION, plan.PLURAL)
-def cleanup(spec: kopf.Spec, meta: kopf.Meta, namespace: str, logger: kopf.Logger, **_: Any) -> None:
+def cleanup(
+    spec: kopf.Spec, meta: kopf.Meta, namespace: str | None, logger: kopf.Logger, **_: Any
+) -> None:
     """Outputs stay unless ``spec.output.deletionPolicy`` is Delete. Jobs go by ownership."""
     if (spec.get("output") or {}).get("deletionPolicy") != "Delete":
         return
     r = reconciler()
-    ref = plan.BatchRef(namespace, meta["name"], meta["uid"], int(meta.get("generation") or 1))
+    ref = plan.BatchRef(str(namespace), meta["name"], meta["uid"], int(meta.get("generation") or 1))
     bucket = plan.output_bucket(spec, r.settings)
     prefix = plan.output_prefix(spec, ref)
     try:

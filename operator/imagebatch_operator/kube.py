@@ -142,7 +142,12 @@ class Kube:
         """Merge-patch the status subresource (lists, e.g. conditions, are written whole)."""
         try:
             self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": status},
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": status},
                 _content_type=_MERGE,
             )
         except ApiException as error:

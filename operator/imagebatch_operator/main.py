@@ -16,7 +16,9 @@ import kopf
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="imagebatch-operator", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="imagebatch-operator", description=__doc__.splitlines()[0]
+    )
     parser.add_argument(
         "--namespace",
         action="append",
@@ -36,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     from imagebatch_operator import handlers  # noqa: F401  (registers the handlers)
 
+    namespaces: list[str] = list(args.namespace)
     kopf.run(
         standalone=True,
-        clusterwide=not args.namespace,
-        namespaces=args.namespace or None,
+        clusterwide=not namespaces,
+        namespaces=namespaces,
         liveness_endpoint=args.liveness or None,
     )
     return 0

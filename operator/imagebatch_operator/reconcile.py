@@ -19,17 +19,18 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import requests
 from imagebatch_worker.contract import (
     ImageResult,
     ShardManifest,
     ShardResult,
-    Stage as ImageStage,
     errors_csv_key,
     output_csv_key,
     run_prefix,
     shard_manifest_key,
     shard_result_key,
+)
+from imagebatch_worker.contract import (
+    Stage as ImageStage,
 )
 from imagebatch_worker.storage import ObjectNotFound, Storage
 
@@ -60,8 +61,8 @@ def utcnow() -> str:
 def parse_indexes(text: str | None) -> set[int]:
     """The Job's ``completedIndexes`` / ``failedIndexes`` notation, e.g. ``"0-2,5"``."""
     found: set[int] = set()
-    for part in (text or "").split(","):
-        part = part.strip()
+    for raw in (text or "").split(","):
+        part = raw.strip()
         if not part:
             continue
         if "-" in part:
@@ -126,14 +127,14 @@ class Reconciler:
         kube: Kube,
         storage: Storage,
         open_url: UrlOpener,
-        webhook_session: requests.Session | None = None,
+        poster: webhook.Poster,
     ):
         self.settings = settings
         self.kube = kube
         self.storage = storage
         self.open_url = open_url
-        self.webhook_session = webhook_session or requests.Session()
-        self.rng = random.Random()
+        self.poster = poster
+        self.rng = random.Random()  # noqa: S311 - jitter, not secrecy
 
     # -- status ---------------------------------------------------------------
 
@@ -161,7 +162,9 @@ class Reconciler:
         batch = Batch.from_body(body)
         run = plan.run_id(batch.ref)
         status = batch.status
-        same_run = status.get("run") == run and status.get("observedGeneration") == batch.ref.generation
+        same_run = (
+            status.get("run") == run and status.get("observedGeneration") == batch.ref.generation
+        )
         if same_run and status.get("phase") in ("Succeeded", "Failed"):
             return self.after_completion(batch, events)
         if cache.run != run:
@@ -175,8 +178,11 @@ class Reconciler:
         ref = batch.ref
         webhook_configured = bool((batch.spec.get("webhook") or {}).get("url"))
         base = Observation(
-            generation=ref.generation, stage=Stage.VALIDATING, run=run,
-            webhook_configured=webhook_configured, start_time=utcnow(),
+            generation=ref.generation,
+            stage=Stage.VALIDATING,
+            run=run,
+            webhook_configured=webhook_configured,
+            start_time=utcnow(),
             webhook={"run": run, "attempts": 0} if webhook_configured else None,
             webhook_state=Reason.WEBHOOK_PENDING if webhook_configured else None,
             webhook_message="sent when every shard has finished" if webhook_configured else "",
@@ -202,11 +208,18 @@ class Reconciler:
             except SourceUnavailable as error:
                 message = f"cannot read the CSV from {describe(source)}: {error}"
                 events.warning(Reason.SOURCE_UNAVAILABLE, message)
-                self.write(batch, Observation(
-                    generation=ref.generation, stage=Stage.SOURCE_UNAVAILABLE, run=run,
-                    message=message, webhook_configured=webhook_configured,
-                    start_time=base.start_time,
-                ), cache)
+                self.write(
+                    batch,
+                    Observation(
+                        generation=ref.generation,
+                        stage=Stage.SOURCE_UNAVAILABLE,
+                        run=run,
+                        message=message,
+                        webhook_configured=webhook_configured,
+                        start_time=base.start_time,
+                    ),
+                    cache,
+                )
                 os.unlink(spool.name)
                 return SOURCE_RETRY_SECONDS
             spool_name = spool.name
@@ -218,7 +231,11 @@ class Reconciler:
             keys = plan.unique_images(images, prefix, compression)
             per_shard = int((batch.spec.get("sharding") or {}).get("imagesPerShard", 100))
             manifests = plan.shard_manifests(
-                keys, run=run, bucket=bucket, prefix=prefix, compression=compression,
+                keys,
+                run=run,
+                bucket=bucket,
+                prefix=prefix,
+                compression=compression,
                 per_shard=per_shard,
             )
             self.storage.put_file(bucket, rows_key(prefix, run), spool_name, "application/x-ndjson")
@@ -226,12 +243,19 @@ class Reconciler:
             os.unlink(spool_name)
         for manifest in manifests:
             self.storage.put(
-                bucket, shard_manifest_key(prefix, run, manifest.index), manifest.to_json(),
+                bucket,
+                shard_manifest_key(prefix, run, manifest.index),
+                manifest.to_json(),
                 "application/json",
             )
         self.kube.ensure_secret(plan.build_storage_secret(ref, self.settings))
         job = plan.build_job(
-            ref, batch.spec, self.settings, run=run, shards=len(manifests), bucket=bucket,
+            ref,
+            batch.spec,
+            self.settings,
+            run=run,
+            shards=len(manifests),
+            bucket=bucket,
             prefix=prefix,
         )
         self.kube.ensure_job(job)
@@ -246,10 +270,14 @@ class Reconciler:
             f"Job {job['metadata']['name']}",
         )
         running = Observation(
-            generation=ref.generation, stage=Stage.RUNNING, run=run,
+            generation=ref.generation,
+            stage=Stage.RUNNING,
+            run=run,
             suspended=bool(batch.spec.get("suspend")),
-            rows=Counts(total=rows), images=Counts(total=len(keys)),
-            shards=Counts(total=len(manifests)), webhook_configured=webhook_configured,
+            rows=Counts(total=rows),
+            images=Counts(total=len(keys)),
+            shards=Counts(total=len(manifests)),
+            webhook_configured=webhook_configured,
             start_time=base.start_time,
         )
         self.write(batch, running, cache)
@@ -270,7 +298,12 @@ class Reconciler:
         report = results.to_csv(
             [list(results.ERROR_COLUMNS)]
             + [
-                [str(p.row), "", ImageStage.VALIDATE.value, f"{p.column}: {p.message}" if p.column else p.message]
+                [
+                    str(p.row),
+                    "",
+                    ImageStage.VALIDATE.value,
+                    f"{p.column}: {p.message}" if p.column else p.message,
+                ]
                 for p in problems
             ]
         )
@@ -282,23 +315,38 @@ class Reconciler:
         output = {"errors": f"s3://{bucket}/{errors_csv_key(prefix)}"}
         if self.settings.public_url:
             output["errorsUrl"] = f"{self.settings.public_url}/{errors_csv_key(prefix)}"
-        self.write(batch, Observation(
-            generation=batch.ref.generation, stage=Stage.INVALID, run=run, message=message,
-            problems=tuple(p.as_status() for p in problems[: self.settings.status_problem_count]),
-            output=output, webhook_configured=base.webhook_configured,
-            start_time=base.start_time, completion_time=utcnow(),
-        ), cache)
+        self.write(
+            batch,
+            Observation(
+                generation=batch.ref.generation,
+                stage=Stage.INVALID,
+                run=run,
+                message=message,
+                problems=tuple(
+                    p.as_status() for p in problems[: self.settings.status_problem_count]
+                ),
+                output=output,
+                webhook_configured=base.webhook_configured,
+                start_time=base.start_time,
+                completion_time=utcnow(),
+            ),
+            cache,
+        )
         return IDLE_SECONDS
 
     def _shard_result(self, bucket: str, prefix: str, run: str, index: int) -> ShardResult | None:
         try:
-            return ShardResult.from_json(self.storage.get(bucket, shard_result_key(prefix, run, index)))
+            return ShardResult.from_json(
+                self.storage.get(bucket, shard_result_key(prefix, run, index))
+            )
         except ObjectNotFound:
             return None
         except ValueError:
             return None
 
-    def _failed_shard(self, bucket: str, prefix: str, run: str, index: int, why: str) -> ShardResult:
+    def _failed_shard(
+        self, bucket: str, prefix: str, run: str, index: int, why: str
+    ) -> ShardResult:
         """A shard that never finished: each of its images is reported failed."""
         manifest = ShardManifest.from_json(
             self.storage.get(bucket, shard_manifest_key(prefix, run, index))
@@ -322,10 +370,17 @@ class Reconciler:
         shards_total = int((batch.status.get("shards") or {}).get("total", 0))
         if job is None:
             # Deleted under us: recreate it; finished shards are skipped by the worker.
-            self.kube.ensure_job(plan.build_job(
-                ref, batch.spec, self.settings, run=run, shards=shards_total, bucket=bucket,
-                prefix=prefix,
-            ))
+            self.kube.ensure_job(
+                plan.build_job(
+                    ref,
+                    batch.spec,
+                    self.settings,
+                    run=run,
+                    shards=shards_total,
+                    bucket=bucket,
+                    prefix=prefix,
+                )
+            )
             events.warning("JobRecreated", f"Job {name} was missing and has been recreated")
             return self.settings.poll_seconds
         suspend = bool(batch.spec.get("suspend"))
@@ -336,8 +391,12 @@ class Reconciler:
         failed = parse_indexes(job_status.get("failedIndexes"))
         for index in sorted(completed - cache.results.keys()):
             result = self._shard_result(bucket, prefix, run, index)
-            cache.results[index] = result if result is not None else self._failed_shard(
-                bucket, prefix, run, index, "the shard finished without writing its result"
+            cache.results[index] = (
+                result
+                if result is not None
+                else self._failed_shard(
+                    bucket, prefix, run, index, "the shard finished without writing its result"
+                )
             )
         conditions = {c["type"]: c["status"] for c in job_status.get("conditions") or []}
         done = conditions.get("Complete") == "True" or conditions.get("Failed") == "True"
@@ -353,14 +412,30 @@ class Reconciler:
                         bucket, prefix, run, index, "the Job finished without running this shard"
                     )
             return self.finish(batch, run, bucket, prefix, cache, events)
-        obs = self.progress(batch, run, cache, Stage.RUNNING, suspend, len(completed), len(failed),
-                            int(job_status.get("active") or 0))
+        obs = self.progress(
+            batch,
+            run,
+            cache,
+            Stage.RUNNING,
+            suspend,
+            len(completed),
+            len(failed),
+            int(job_status.get("active") or 0),
+        )
         self.write(batch, obs, cache)
         return self.settings.poll_seconds
 
     def progress(
-        self, batch: Batch, run: str, cache: RunCache, stage: Stage, suspended: bool,
-        shards_ok: int, shards_failed: int, active: int, **extra: Any,
+        self,
+        batch: Batch,
+        run: str,
+        cache: RunCache,
+        stage: Stage,
+        suspended: bool,
+        shards_ok: int,
+        shards_failed: int,
+        active: int,
+        **extra: Any,
     ) -> Observation:
         ok = failed = skipped = bytes_in = bytes_out = 0
         for shard in cache.results.values():
@@ -373,13 +448,21 @@ class Reconciler:
                 else:
                     failed += 1
         status = batch.status
-        totals = {k: int((status.get(k) or {}).get("total", 0)) for k in ("rows", "images", "shards")}
+        totals = {
+            k: int((status.get(k) or {}).get("total", 0)) for k in ("rows", "images", "shards")
+        }
         return Observation(
-            generation=batch.ref.generation, stage=stage, run=run, suspended=suspended,
+            generation=batch.ref.generation,
+            stage=stage,
+            run=run,
+            suspended=suspended,
             rows=extra.pop("rows", Counts(total=totals["rows"])),
             images=Counts(total=totals["images"], succeeded=ok, failed=failed, skipped=skipped),
-            shards=Counts(total=totals["shards"], succeeded=shards_ok, failed=shards_failed, active=active),
-            input_bytes=bytes_in, output_bytes=bytes_out,
+            shards=Counts(
+                total=totals["shards"], succeeded=shards_ok, failed=shards_failed, active=active
+            ),
+            input_bytes=bytes_in,
+            output_bytes=bytes_out,
             webhook_configured=bool((batch.spec.get("webhook") or {}).get("url")),
             start_time=status.get("startTime"),
             **extra,
@@ -409,7 +492,10 @@ class Reconciler:
         tally: list[results.RowTally] = []
         url_of = self.url_of(bucket)
         for key, rows in (
-            (output_csv_key(prefix), results.output_rows(self._rows(bucket, prefix, run), by_url, url_of, tally)),
+            (
+                output_csv_key(prefix),
+                results.output_rows(self._rows(bucket, prefix, run), by_url, url_of, tally),
+            ),
             (errors_csv_key(prefix), results.error_rows(self._rows(bucket, prefix, run), by_url)),
         ):
             with tempfile.NamedTemporaryFile("wb", suffix=".csv", delete=False) as out:
@@ -421,7 +507,9 @@ class Reconciler:
                 os.unlink(out.name)
         rows_tally = tally[0] if tally else results.RowTally()
         failed_shards = sum(
-            1 for s in cache.results.values() if any(i.stage == ImageStage.SHARD.value for i in s.images)
+            1
+            for s in cache.results.values()
+            if any(i.stage == ImageStage.SHARD.value for i in s.images)
         )
         total_images = len(by_url)
         failed_images = sum(1 for i in by_url.values() if not i.ok)
@@ -430,7 +518,9 @@ class Reconciler:
         stage = Stage.FAILED if percent > limit else Stage.SUCCEEDED
         message = (
             f"{failed_images} of {total_images} images failed ({percent:.1f}%), above the "
-            f"limit of {limit:g}%; see errors.csv" if stage is Stage.FAILED else ""
+            f"limit of {limit:g}%; see errors.csv"
+            if stage is Stage.FAILED
+            else ""
         )
         output = {
             "csv": f"s3://{bucket}/{output_csv_key(prefix)}",
@@ -440,9 +530,20 @@ class Reconciler:
             output["csvUrl"] = f"{self.settings.public_url}/{output_csv_key(prefix)}"
             output["errorsUrl"] = f"{self.settings.public_url}/{errors_csv_key(prefix)}"
         obs = self.progress(
-            batch, run, cache, stage, False, len(cache.results) - failed_shards, failed_shards, 0,
-            rows=Counts(total=rows_tally.rows, succeeded=rows_tally.rows_ok, failed=rows_tally.rows_failed),
-            message=message, output=output, completion_time=utcnow(),
+            batch,
+            run,
+            cache,
+            stage,
+            False,
+            len(cache.results) - failed_shards,
+            failed_shards,
+            0,
+            rows=Counts(
+                total=rows_tally.rows, succeeded=rows_tally.rows_ok, failed=rows_tally.rows_failed
+            ),
+            message=message,
+            output=output,
+            completion_time=utcnow(),
         )
         status = self.write(batch, obs, cache)
         summary = (
@@ -463,8 +564,8 @@ class Reconciler:
         hook = batch.spec.get("webhook") or {}
         record = dict(batch.status.get("webhook") or {})
         run = str(batch.status.get("run"))
-        if not hook.get("url") or record.get("run") == run and (
-            record.get("deliveredTime") or record.get("gaveUp")
+        if not hook.get("url") or (
+            record.get("run") == run and (record.get("deliveredTime") or record.get("gaveUp"))
         ):
             return IDLE_SECONDS
         self.deliver(batch, hook, events)
@@ -489,38 +590,60 @@ class Reconciler:
         bucket = plan.output_bucket(batch.spec, self.settings)
         prefix = plan.output_prefix(batch.spec, ref)
         url_of = self.url_of(bucket)
-        body = webhook.encode(webhook.build_payload(
-            namespace=ref.namespace, name=ref.name, uid=ref.uid, run=run,
-            phase=str(status.get("phase")), rows=status.get("rows") or {},
-            images=status.get("images") or {}, shards=status.get("shards") or {},
-            output_csv_url=url_of(output_csv_key(prefix)) if status.get("phase") == "Succeeded" or status.get("output", {}).get("csv") else "",
-            errors_csv_url=url_of(errors_csv_key(prefix)),
-            completion_time=str(status.get("completionTime") or utcnow()),
-        ))
+        body = webhook.encode(
+            webhook.build_payload(
+                namespace=ref.namespace,
+                name=ref.name,
+                uid=ref.uid,
+                run=run,
+                phase=str(status.get("phase")),
+                rows=status.get("rows") or {},
+                images=status.get("images") or {},
+                shards=status.get("shards") or {},
+                output_csv_url=url_of(output_csv_key(prefix))
+                if status.get("phase") == "Succeeded" or status.get("output", {}).get("csv")
+                else "",
+                errors_csv_url=url_of(errors_csv_key(prefix)),
+                completion_time=str(status.get("completionTime") or utcnow()),
+            )
+        )
         while record["attempts"] < self.settings.webhook_attempts:
             if secret_ref and secret is None:
                 break
             number = int(record["attempts"]) + 1
             when = datetime.datetime.now(datetime.UTC)
             attempt = webhook.attempt_delivery(
-                self.webhook_session, str(hook["url"]), body,
+                self.poster,
+                str(hook["url"]),
+                body,
                 webhook.headers(str(record["id"]), body, secret, when),
-                number, self.settings.webhook_timeout_seconds, utcnow,
+                number,
+                self.settings.webhook_timeout_seconds,
+                utcnow,
             )
             record.update(attempts=number, lastAttemptTime=attempt.time)
             record["lastStatusCode"] = attempt.status_code
             record["lastError"] = attempt.error or None
             if attempt.delivered:
                 record["deliveredTime"] = attempt.time
-                state, msg = Reason.WEBHOOK_DELIVERED, f"delivered on attempt {number} (HTTP {attempt.status_code})"
+                state, msg = (
+                    Reason.WEBHOOK_DELIVERED,
+                    f"delivered on attempt {number} (HTTP {attempt.status_code})",
+                )
             elif attempt.status_code == 410:
                 record["gaveUp"] = True
                 state, msg = Reason.WEBHOOK_GONE, "the receiver answered 410 Gone; not retried"
             elif not attempt.retry or number >= self.settings.webhook_attempts:
                 record["gaveUp"] = True
-                state, msg = Reason.WEBHOOK_FAILED, f"attempt {number} failed: {attempt.error}; not retried"
+                state, msg = (
+                    Reason.WEBHOOK_FAILED,
+                    f"attempt {number} failed: {attempt.error}; not retried",
+                )
             else:
-                state, msg = Reason.WEBHOOK_RETRYING, f"attempt {number} failed: {attempt.error}; retrying"
+                state, msg = (
+                    Reason.WEBHOOK_RETRYING,
+                    f"attempt {number} failed: {attempt.error}; retrying",
+                )
             status = self._write_webhook(batch, status, record, state, msg)
             if state is Reason.WEBHOOK_DELIVERED:
                 events.normal("WebhookDelivered", msg)
@@ -528,21 +651,37 @@ class Reconciler:
             if record.get("gaveUp"):
                 events.warning(state, msg)
                 return
-            time.sleep(webhook.backoff(number, self.settings.webhook_backoff_seconds,
-                                       attempt.retry_after, self.rng))
+            time.sleep(
+                webhook.backoff(
+                    number, self.settings.webhook_backoff_seconds, attempt.retry_after, self.rng
+                )
+            )
         record["gaveUp"] = True
         self._write_webhook(batch, status, record, Reason.WEBHOOK_FAILED, "not delivered")
 
     def _write_webhook(
-        self, batch: Batch, status: Mapping[str, Any], record: Mapping[str, Any], state: Reason, message: str
+        self,
+        batch: Batch,
+        status: Mapping[str, Any],
+        record: Mapping[str, Any],
+        state: Reason,
+        message: str,
     ) -> dict[str, Any]:
         """Patch only the webhook record and its condition; the rest of the status stands."""
         from imagebatch_operator.status import set_condition
 
         conds = set_condition(
-            status.get("conditions") or [], "WebhookDelivered",
-            {Reason.WEBHOOK_DELIVERED: "True", Reason.WEBHOOK_FAILED: "False", Reason.WEBHOOK_GONE: "False"}.get(state, "Unknown"),
-            state, message, batch.ref.generation, utcnow(),
+            status.get("conditions") or [],
+            "WebhookDelivered",
+            {
+                Reason.WEBHOOK_DELIVERED: "True",
+                Reason.WEBHOOK_FAILED: "False",
+                Reason.WEBHOOK_GONE: "False",
+            }.get(state, "Unknown"),
+            state,
+            message,
+            batch.ref.generation,
+            utcnow(),
         )
         patch = {"webhook": dict(record), "conditions": conds}
         self.kube.patch_status(batch.ref.namespace, batch.ref.name, patch)

@@ -232,7 +232,8 @@ def compute_status(previous: Mapping[str, Any], o: Observation, now: str) -> dic
     if o.webhook_configured:
         kept = condition(previous, "WebhookDelivered")
         state = o.webhook_state or (
-            Reason(kept["reason"]) if kept is not None and kept.get("reason") in set(Reason)
+            Reason(kept["reason"])
+            if kept is not None and kept.get("reason") in set(Reason)
             else Reason.WEBHOOK_PENDING
         )
         if o.webhook_state is None and kept is not None:

@@ -16,12 +16,24 @@ import json
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 from standardwebhooks.webhooks import Webhook
 
 EVENT_COMPLETED = "imagebatch.completed"
+
+
+class Refused(Exception):
+    """The URL may not be called at all (e.g. its address is not allowed): never retried."""
+
+
+class Poster(Protocol):
+    """What sends one POST (``fetching.GuardedPoster`` in the operator)."""
+
+    def post(
+        self, url: str, data: bytes, headers: Mapping[str, str], timeout: float
+    ) -> requests.Response: ...
 
 
 def webhook_id(uid: str, run: str) -> str:
@@ -114,8 +126,9 @@ def backoff(attempt: int, base: float, retry_after: float | None, rng: random.Ra
     """Seconds to wait before the next attempt: exponential with full jitter, capped."""
     if retry_after is not None:
         return min(max(retry_after, 0.0), 300.0)
-    ceiling = min(base * 2 ** (attempt - 1), 300.0)
-    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+    ceiling = min(base * 2.0 ** (attempt - 1), 300.0)
+    jitter: float = rng.uniform(0, ceiling / 2)
+    return ceiling / 2 + jitter
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -128,7 +141,7 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def attempt_delivery(
-    session: requests.Session,
+    poster: Poster,
     url: str,
     body: bytes,
     hdrs: Mapping[str, str],
@@ -138,17 +151,18 @@ def attempt_delivery(
 ) -> Attempt:
     """POST once; never raises for what the network or the receiver does."""
     try:
-        response = session.post(url, data=body, headers=dict(hdrs), timeout=timeout,
-                                allow_redirects=False)
-    except requests.RequestException as error:
-        return Attempt(number, now(), None, f"{type(error).__name__}: {error}"[:300], False, True)
+        response = poster.post(url, body, hdrs, timeout)
+    except Refused as refusal:
+        return Attempt(number, now(), None, f"refused: {refusal}"[:300], False, False)
+    except requests.RequestException as failure:
+        why = f"{type(failure).__name__}: {failure}"[:300]
+        return Attempt(number, now(), None, why, False, True)
     delivered, retry = classify(response.status_code)
-    error = "" if delivered else f"HTTP {response.status_code}"
     return Attempt(
         number,
         now(),
         response.status_code,
-        error,
+        "" if delivered else f"HTTP {response.status_code}",
         delivered,
         retry,
         _retry_after(response.headers.get("Retry-After")) if response.status_code == 429 else None,

@@ -17,8 +17,10 @@ def main() -> int:
         print(f"cluster ready in {cluster.startup_seconds:.1f}s", flush=True)
         print(f"export KUBECONFIG={cluster.kubeconfig}")
         print(f"export PATH={cluster.workdir / 'tools'}:$PATH   # kubectl, helm")
-        print(f"MinIO: {cluster.minio.url} (user {cluster.minio.access_key}, "
-              f"password {cluster.minio.secret_key})")
+        print(
+            f"MinIO: {cluster.minio.url} (user {cluster.minio.access_key}, "
+            f"password {cluster.minio.secret_key})"
+        )
         print(f"pod logs: {cluster.pod_logs}")
         print("Ctrl-C stops everything.", flush=True)
         try:

@@ -17,6 +17,7 @@ Run ``python -m tests.cluster.build`` to build everything that is missing.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -157,16 +158,28 @@ def _wrapper_module(module: str, version: str) -> Path:
 
 
 def build(binary: GoBinary) -> Path:
-    """Build one binary into the cache unless it is already there; return its path."""
+    """Build one binary into the cache unless it is already there; return its path.
+
+    A lock file serialises builds between processes (two test runs, or ``make`` and a
+    fixture), so each binary is built once and never half-written.
+    """
     target = cache_root() / "bin" / binary.cache_name
     if target.exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (cache_root() / "build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        return _build(binary, target)
+
+
+def _build(binary: GoBinary, target: Path) -> Path:
     print(f"[build] {binary.name} {binary.version} from {binary.module} ...", flush=True)
     started = time.monotonic()
     work = _wrapper_module(binary.module, binary.version)
     _go(["get", f"{binary.package}@{binary.version}"], work)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     args = ["build", "-trimpath", "-o", str(partial)]
     if binary.tags:
         args += ["-tags", binary.tags]

@@ -50,7 +50,7 @@ _SMP = "application/strategic-merge-patch+json"
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def pod_conditions(ready: bool, stamp: str) -> list[dict[str, str]]:
@@ -271,14 +271,20 @@ class PodRunner(threading.Thread):
         for c in self.containers:
             c.start()
         self._running_status()
-        log.info("started %s/%s: %s", self.namespace, self.pod_name,
-                 [" ".join(c.argv)[:120] for c in self.containers])
+        log.info(
+            "started %s/%s: %s",
+            self.namespace,
+            self.pod_name,
+            [" ".join(c.argv)[:120] for c in self.containers],
+        )
         exit_codes: dict[str, int] = {}
         while len(exit_codes) < len(self.containers):
             if self.terminate.is_set():
                 self._kill()
-                codes = {c.name: (c.exit_code() if c.exit_code() is not None else 137)
-                         for c in self.containers}
+                codes = {
+                    c.name: (c.exit_code() if c.exit_code() is not None else 137)
+                    for c in self.containers
+                }
                 self.write_terminal_status({k: v for k, v in codes.items() if v is not None})
                 self.agent.delete_pod(self.namespace, self.pod_name, self.uid)
                 return
@@ -494,7 +500,10 @@ class NodeAgent:
         phase = pod.get("status", {}).get("phase")
         deleting = meta.get("deletionTimestamp") is not None
         if not node:
-            if not deleting and spec.get("schedulerName", "default-scheduler") == "default-scheduler":
+            if (
+                not deleting
+                and spec.get("schedulerName", "default-scheduler") == "default-scheduler"
+            ):
                 self.bind(pod)
             return
         if node != NODE_NAME:

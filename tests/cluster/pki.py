@@ -58,7 +58,7 @@ def _cert(
     ca: bool = False,
     server: bool = False,
 ) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -149,7 +149,10 @@ def kubeconfig(server: str, ca_cert: Path, user: dict[str, str], name: str = "im
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [
-            {"name": name, "cluster": {"server": server, "certificate-authority-data": _b64(ca_cert)}}
+            {
+                "name": name,
+                "cluster": {"server": server, "certificate-authority-data": _b64(ca_cert)},
+            }
         ],
         "users": [{"name": name, "user": user}],
         "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],

@@ -67,7 +67,7 @@ def resolve_env(
     config_map_all: LookupAll,
     secret_all: LookupAll,
 ) -> dict[str, str]:
-    """The container's environment: ``envFrom`` first, then ``env`` in order, as the kubelet does."""
+    """The container's environment: ``envFrom`` first, then ``env`` in order, like the kubelet."""
     env: dict[str, str] = {}
     for source in container.get("envFrom") or []:
         prefix = source.get("prefix", "")
@@ -95,9 +95,9 @@ def resolve_env(
             ref = source.get(kind)
             if ref is None:
                 continue
-            value = key_lookup(ref["name"], ref["key"])
-            if value is not None:
-                env[name] = value
+            found = key_lookup(ref["name"], ref["key"])
+            if found is not None:
+                env[name] = found
             elif not ref.get("optional"):
                 raise EnvError(f"env {name}: {kind} {ref['name']}/{ref['key']} not found")
             break

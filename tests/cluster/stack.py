@@ -43,6 +43,7 @@ CONTROLLERS = (
     "root-ca-certificate-publisher-controller",
 )
 
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -127,14 +128,21 @@ class LocalCluster:
             "etcd",
             [
                 str(self.binaries["etcd"]),
-                "--data-dir", str(self.workdir / "etcd"),
-                "--listen-client-urls", url,
-                "--advertise-client-urls", url,
-                "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                "--initial-cluster", f"default=http://127.0.0.1:{peer}",
+                "--data-dir",
+                str(self.workdir / "etcd"),
+                "--listen-client-urls",
+                url,
+                "--advertise-client-urls",
+                url,
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-cluster",
+                f"default=http://127.0.0.1:{peer}",
                 "--unsafe-no-fsync",
-                "--log-level", "warn",
+                "--log-level",
+                "warn",
             ],
         )
         self._wait("etcd", lambda: requests.get(f"{url}/health", timeout=1).ok)
@@ -147,21 +155,35 @@ class LocalCluster:
             "kube-apiserver",
             [
                 str(self.binaries["kube-apiserver"]),
-                "--etcd-servers", etcd,
-                "--cert-dir", str(self.workdir / "apiserver"),
-                "--tls-cert-file", str(keys.serving_cert),
-                "--tls-private-key-file", str(keys.serving_key),
-                "--client-ca-file", str(keys.ca_cert),
-                "--secure-port", str(port),
-                "--bind-address", "127.0.0.1",
-                "--advertise-address", "127.0.0.1",
-                "--service-cluster-ip-range", "10.0.0.0/24",
+                "--etcd-servers",
+                etcd,
+                "--cert-dir",
+                str(self.workdir / "apiserver"),
+                "--tls-cert-file",
+                str(keys.serving_cert),
+                "--tls-private-key-file",
+                str(keys.serving_key),
+                "--client-ca-file",
+                str(keys.ca_cert),
+                "--secure-port",
+                str(port),
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--service-cluster-ip-range",
+                "10.0.0.0/24",
                 "--allow-privileged",
-                "--authorization-mode", "RBAC",
-                "--service-account-issuer", f"{self.server}/",
-                "--service-account-key-file", str(keys.sa_public),
-                "--service-account-signing-key-file", str(keys.sa_private),
-                "--v", "1",
+                "--authorization-mode",
+                "RBAC",
+                "--service-account-issuer",
+                f"{self.server}/",
+                "--service-account-key-file",
+                str(keys.sa_public),
+                "--service-account-signing-key-file",
+                str(keys.sa_private),
+                "--v",
+                "1",
             ],
         )
         cert = (str(keys.admin_cert), str(keys.admin_key))
@@ -181,13 +203,18 @@ class LocalCluster:
             "kube-controller-manager",
             [
                 str(self.binaries["kube-controller-manager"]),
-                "--kubeconfig", str(self.kubeconfig),
+                "--kubeconfig",
+                str(self.kubeconfig),
                 "--leader-elect=false",
-                "--secure-port", "0",
+                "--secure-port",
+                "0",
                 "--use-service-account-credentials=false",
-                "--root-ca-file", str(keys.ca_cert),
-                "--controllers", ",".join(CONTROLLERS),
-                "--v", "1",
+                "--root-ca-file",
+                str(keys.ca_cert),
+                "--controllers",
+                ",".join(CONTROLLERS),
+                "--v",
+                "1",
             ],
         )
         # Ready once the service-account controller has made the default account.
@@ -200,9 +227,12 @@ class LocalCluster:
             "minio",
             [
                 str(self.binaries["minio"]),
-                "server", str(self.workdir / "minio"),
-                "--address", self.minio.endpoint,
-                "--console-address", f"127.0.0.1:{free_port()}",
+                "server",
+                str(self.workdir / "minio"),
+                "--address",
+                self.minio.endpoint,
+                "--console-address",
+                f"127.0.0.1:{free_port()}",
                 "--quiet",
             ],
             env={
@@ -221,15 +251,21 @@ class LocalCluster:
         self._spawn(
             "node-agent",
             [
-                sys.executable, "-m", "tests.cluster.node_agent",
-                "--kubeconfig", str(self.kubeconfig),
-                "--server", self.server,
-                "--ca", str(keys.ca_cert),
-                "--workdir", str(agent_dir),
+                sys.executable,
+                "-m",
+                "tests.cluster.node_agent",
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--server",
+                self.server,
+                "--ca",
+                str(keys.ca_cert),
+                "--workdir",
+                str(agent_dir),
             ],
             env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         )
-        self._wait("node-agent", lambda: (agent_dir / "node-ready").exists())
+        self._wait("node-agent", (agent_dir / "node-ready").exists)
 
     # -- public ---------------------------------------------------------------
 
@@ -270,12 +306,15 @@ class LocalCluster:
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
     def kubectl_ok(self, *args: str) -> bool:
-        return subprocess.run(
-            [str(self.binaries["kubectl"]), "--kubeconfig", str(self.kubeconfig), *args],
-            capture_output=True,
-            timeout=30,
-            check=False,
-        ).returncode == 0
+        return (
+            subprocess.run(
+                [str(self.binaries["kubectl"]), "--kubeconfig", str(self.kubeconfig), *args],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            ).returncode
+            == 0
+        )
 
     def start(self) -> LocalCluster:
         started = time.monotonic()
@@ -301,7 +340,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every process, newest first; remove the folder unless ``keep``."""
-        for name, process in reversed(self.processes):
+        for _name, process in reversed(self.processes):
             if process.poll() is None:
                 try:
                     os.killpg(process.pid, signal.SIGTERM)

@@ -67,6 +67,7 @@ def test_binary_path_is_keyed_by_version(monkeypatch: pytest.MonkeyPatch, tmp_pa
         build.binary_path("docker")
 
 
+INDEX = "batch.kubernetes.io/job-completion-index"
 POD: dict[str, Any] = {
     "metadata": {
         "name": "job-1-abcde",
@@ -103,17 +104,15 @@ def resolve(container: dict[str, Any]) -> dict[str, str]:
             id="expands-earlier-vars",
         ),
         pytest.param(
-            [{"name": "B", "value": "$(NOPE) $$(A)"}], {"B": "$(NOPE) $(A)"}, id="unknown-and-escape"
+            [{"name": "B", "value": "$(NOPE) $$(A)"}],
+            {"B": "$(NOPE) $(A)"},
+            id="unknown-and-escape",
         ),
         pytest.param(
             [
                 {
                     "name": "JOB_COMPLETION_INDEX",
-                    "valueFrom": {
-                        "fieldRef": {
-                            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-                        }
-                    },
+                    "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX}']"}},
                 }
             ],
             {"JOB_COMPLETION_INDEX": "1"},
@@ -123,11 +122,7 @@ def resolve(container: dict[str, Any]) -> dict[str, str]:
             [
                 {
                     "name": "I",
-                    "valueFrom": {
-                        "fieldRef": {
-                            "fieldPath": "metadata.labels['batch.kubernetes.io/job-completion-index']"
-                        }
-                    },
+                    "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{INDEX}']"}},
                 }
             ],
             {"I": "1"},
@@ -146,7 +141,10 @@ def resolve(container: dict[str, Any]) -> dict[str, str]:
         pytest.param(
             [
                 {"name": "K", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "KEY"}}},
-                {"name": "L", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "LEVEL"}}},
+                {
+                    "name": "L",
+                    "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "LEVEL"}},
+                },
             ],
             {"K": "s3cr3t", "L": "debug"},
             id="key-refs",
@@ -172,7 +170,10 @@ def test_env_resolves_like_the_kubelet(env: list[dict[str, Any]], expected: dict
 def test_env_from_comes_first_and_env_overrides_it() -> None:
     container = {
         "name": "c",
-        "envFrom": [{"configMapRef": {"name": "settings"}}, {"secretRef": {"name": "creds"}, "prefix": "S_"}],
+        "envFrom": [
+            {"configMapRef": {"name": "settings"}},
+            {"secretRef": {"name": "creds"}, "prefix": "S_"},
+        ],
         "env": [{"name": "MODE", "value": "slow"}],
     }
     assert resolve(container) == {"LEVEL": "debug", "MODE": "slow", "S_KEY": "s3cr3t"}
@@ -182,7 +183,10 @@ def test_env_from_comes_first_and_env_overrides_it() -> None:
     ("container", "message"),
     [
         pytest.param(
-            {"name": "c", "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k"}}}]},
+            {
+                "name": "c",
+                "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k"}}}],
+            },
             "secretKeyRef gone/k not found",
             id="missing-secret",
         ),
@@ -192,7 +196,10 @@ def test_env_from_comes_first_and_env_overrides_it() -> None:
             id="missing-envfrom",
         ),
         pytest.param(
-            {"name": "c", "env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "spec.bogus"}}}]},
+            {
+                "name": "c",
+                "env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "spec.bogus"}}}],
+            },
             "unsupported fieldRef.fieldPath 'spec.bogus'",
             id="unknown-field",
         ),
@@ -237,5 +244,7 @@ def test_token_only_where_admission_projected_one(volumes: list[Any], wanted: bo
     ("codes", "phase"),
     [({"a": 0}, "Succeeded"), ({"a": 0, "b": 1}, "Failed"), ({"a": 137}, "Failed")],
 )
-def test_terminal_phase_needs_every_container_to_exit_zero(codes: dict[str, int], phase: str) -> None:
+def test_terminal_phase_needs_every_container_to_exit_zero(
+    codes: dict[str, int], phase: str
+) -> None:
     assert node_agent.terminal_phase(codes) == phase

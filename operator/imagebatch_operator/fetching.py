@@ -1,0 +1,62 @@
+"""The operator's outbound HTTP goes through the worker's address guard.
+
+A CSV ``source.url`` and a webhook URL are user input just like image URLs: the same
+rules apply (http/https only, non-global addresses refused unless allowed, the checked
+address is the one connected to, every redirect checked again, bytes and time capped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+
+import requests
+from imagebatch_worker.failures import ImageFailure
+from imagebatch_worker.fetch import Fetcher, PinnedAdapter
+from imagebatch_worker.settings import WorkerSettings, parse_networks
+from imagebatch_worker.urlguard import AddressPolicy, resolve_target
+
+from imagebatch_operator.settings import Settings
+from imagebatch_operator.sources import CHUNK, SourceUnavailable, UrlOpener
+from imagebatch_operator.webhook import Refused
+
+
+def csv_url_opener(settings: Settings) -> UrlOpener:
+    """Download a CSV under the guard, capped at the CSV byte limit."""
+    fetch_settings = dataclasses.replace(
+        WorkerSettings(),
+        allow_nets=parse_networks(settings.allow_nets),
+        max_image_bytes=settings.csv_limits.max_bytes,
+        image_timeout=120.0,
+    )
+
+    def open_url(url: str) -> Iterator[bytes]:
+        with Fetcher(fetch_settings) as fetcher:
+            try:
+                data = fetcher.fetch(url).data
+            except ImageFailure as failure:
+                raise SourceUnavailable(failure.error) from failure
+        return (data[i : i + CHUNK] for i in range(0, len(data), CHUNK))
+
+    return open_url
+
+
+class GuardedPoster:
+    """POSTs to a URL only after its address passed the guard, connecting to that address."""
+
+    def __init__(self, allow_nets: str):
+        self.policy = AddressPolicy(parse_networks(allow_nets))
+
+    def post(
+        self, url: str, data: bytes, headers: Mapping[str, str], timeout: float
+    ) -> requests.Response:
+        try:
+            target = resolve_target(url, self.policy)
+        except ImageFailure as failure:
+            raise Refused(failure.error) from failure
+        with requests.Session() as session:
+            session.trust_env = False  # a proxy would connect to an address we did not check
+            session.mount(f"{target.scheme}://", PinnedAdapter(target, 1))
+            return session.post(
+                url, data=data, headers=dict(headers), timeout=timeout, allow_redirects=False
+            )
