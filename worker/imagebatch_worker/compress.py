@@ -37,10 +37,25 @@ from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError, fea
 from imagebatch_worker.contract import FORMAT_EXTENSIONS, Compression, Stage
 from imagebatch_worker.failures import ImageFailure, Reason
 
-# Pillow only warns between MAX_IMAGE_PIXELS and twice that; a warning lets the image
-# through. The worker checks its own pixel cap before decoding, and any bomb warning
-# Pillow still raises (a cap lower than ours) must stop the image, not scroll by.
-warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+def refuse_decompression_bomb_warnings() -> None:
+    """Make Pillow's ``DecompressionBombWarning`` an exception; idempotent and cheap.
+
+    Pillow only warns between MAX_IMAGE_PIXELS and twice that, and a warning lets the
+    image through. The worker checks its own pixel cap before decoding as well, but a
+    bomb warning Pillow still raises must stop the image, not scroll by. Checked on
+    every call because anything that resets the warning filters (a test harness, an
+    embedding program) would otherwise silently undo it.
+    """
+    for action, _message, category, _module, _line in warnings.filters:
+        if issubclass(Image.DecompressionBombWarning, category):
+            if action == "error":
+                return
+            break
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+refuse_decompression_bomb_warnings()
 
 AVIF_AVAILABLE = features.check("avif") is True
 
@@ -159,6 +174,7 @@ def compress(data: bytes, params: CompressParams) -> CompressedImage:
     problem = target_format_problem(params.format)
     if problem is not None:
         raise problem
+    refuse_decompression_bomb_warnings()
     image = _open(data, params.max_pixels)
     source_format = _FORMAT_NAMES[image.format or ""]
     source_size = image.size

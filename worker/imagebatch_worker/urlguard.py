@@ -123,14 +123,12 @@ def _non_global_category(address: IPAddress) -> str | None:
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """IPv4 addresses an IPv6 address carries and may be routed to (6to4, Teredo, NAT64...)."""
+    """IPv4 addresses an IPv6 address carries and may be routed to (6to4, Teredo, ...)."""
     embedded: list[ipaddress.IPv4Address] = []
     if address.sixtofour is not None:
         embedded.append(address.sixtofour)
     if address.teredo is not None:
         embedded.append(address.teredo[1])
-    if address in _NAT64_PREFIX:
-        embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
     if int(address) >> 32 == 0 and int(address) > 1:
         # Deprecated IPv4-compatible form ::a.b.c.d.
         embedded.append(ipaddress.IPv4Address(int(address)))
@@ -158,6 +156,12 @@ class AddressPolicy:
         address = connect_address(address)
         if self.allows(address):
             return None
+        if address in _NAT64_PREFIX:
+            # A DNS64 network writes IPv4-only hosts as 64:ff9b::a.b.c.d, which Python
+            # calls reserved; what the gateway reaches is a.b.c.d, so judge that.
+            inner = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+            inner_category = None if self.allows(inner) else _non_global_category(inner)
+            return f"{inner_category} (IPv4 {inner} inside IPv6)" if inner_category else None
         category = _non_global_category(address)
         if category is not None:
             return category
