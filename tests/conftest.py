@@ -7,6 +7,7 @@ agent) or MinIO alone; each test gets its own namespace and its own bucket.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ from tests.cluster.stack import LocalCluster, MinioServer
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
     """The whole local stack, started once per test session and stopped at its end."""
-    with LocalCluster() as running:
+    with LocalCluster(keep=os.environ.get("IMAGEBATCH_KEEP_CLUSTER") == "1") as running:
         yield running
 
 

@@ -183,7 +183,7 @@ class Reconciler:
             run=run,
             webhook_configured=webhook_configured,
             start_time=utcnow(),
-            webhook={"run": run, "attempts": 0} if webhook_configured else None,
+            webhook=(webhook.fresh_record(ref.uid, run) if webhook_configured else None),
             webhook_state=Reason.WEBHOOK_PENDING if webhook_configured else None,
             webhook_message="sent when every shard has finished" if webhook_configured else "",
         )
@@ -577,7 +577,9 @@ class Reconciler:
         run = str(status.get("run"))
         record = dict(status.get("webhook") or {})
         if record.get("run") != run:
-            record = {"run": run, "id": webhook.webhook_id(ref.uid, run), "attempts": 0}
+            record = {"run": run, "attempts": 0}
+        record.setdefault("id", webhook.webhook_id(ref.uid, run))
+        record.setdefault("attempts", 0)
         secret = None
         secret_ref = hook.get("secretRef")
         if secret_ref:

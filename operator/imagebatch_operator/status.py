@@ -269,12 +269,19 @@ def compute_status(previous: Mapping[str, Any], o: Observation, now: str) -> dic
     return status
 
 
+def _pruned(value: Any) -> Any:
+    """``value`` as a merge patch leaves it: keys set to None are absent."""
+    if isinstance(value, Mapping):
+        return {k: _pruned(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def differs(stored: Mapping[str, Any], computed: Mapping[str, Any]) -> bool:
-    """True when writing ``computed`` would change what is stored (None = absent)."""
+    """True when merge-patching ``computed`` would change what is stored."""
     for key, value in computed.items():
         if value is None:
             if stored.get(key) is not None:
                 return True
-        elif stored.get(key) != value:
+        elif _pruned(stored.get(key)) != _pruned(value):
             return True
     return False

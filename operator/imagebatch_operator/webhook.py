@@ -40,6 +40,20 @@ def webhook_id(uid: str, run: str) -> str:
     return f"ib_{uid}_{run}"
 
 
+def fresh_record(uid: str, run: str) -> dict[str, Any]:
+    """``status.webhook`` for a run that has not called yet; None clears an earlier run's field."""
+    return {
+        "run": run,
+        "id": webhook_id(uid, run),
+        "attempts": 0,
+        "lastStatusCode": None,
+        "lastError": None,
+        "lastAttemptTime": None,
+        "deliveredTime": None,
+        "gaveUp": None,
+    }
+
+
 def build_payload(
     *,
     namespace: str,

@@ -46,14 +46,21 @@ WRITE_INDEX = textwrap.dedent(
 def minio_secret(cluster: LocalCluster, namespace: str) -> None:
     assert cluster.minio is not None
     cluster.kubectl(
-        "create", "secret", "generic", "minio", "-n", namespace,
+        "create",
+        "secret",
+        "generic",
+        "minio",
+        "-n",
+        namespace,
         f"--from-literal=endpoint={cluster.minio.endpoint}",
         f"--from-literal=accessKey={cluster.minio.access_key}",
         f"--from-literal=secretKey={cluster.minio.secret_key}",
     )
 
 
-def indexed_job(name: str, bucket: str, completions: int, fail_once_index: str = "") -> dict[str, Any]:
+def indexed_job(
+    name: str, bucket: str, completions: int, fail_once_index: str = ""
+) -> dict[str, Any]:
     def secret(key: str) -> dict[str, Any]:
         return {"secretKeyRef": {"name": "minio", "key": key}}
 
@@ -94,12 +101,16 @@ def indexed_job(name: str, bucket: str, completions: int, fail_once_index: str =
     }
 
 
-def wait_job(cluster: LocalCluster, namespace: str, name: str, timeout: float = 120) -> dict[str, Any]:
+def wait_job(
+    cluster: LocalCluster, namespace: str, name: str, timeout: float = 120
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     job: dict[str, Any] = {}
     while time.monotonic() < deadline:
         job = json.loads(cluster.kubectl("get", "job", name, "-n", namespace, "-o", "json"))
-        kinds = {c["type"] for c in job.get("status", {}).get("conditions", []) if c["status"] == "True"}
+        kinds = {
+            c["type"] for c in job.get("status", {}).get("conditions", []) if c["status"] == "True"
+        }
         if kinds & {"Complete", "Failed"}:
             return job
         time.sleep(0.3)
@@ -108,8 +119,12 @@ def wait_job(cluster: LocalCluster, namespace: str, name: str, timeout: float = 
 
 def objects(cluster: LocalCluster, bucket: str, prefix: str) -> dict[str, bytes]:
     assert cluster.minio is not None
-    client = Minio(cluster.minio.endpoint, access_key=cluster.minio.access_key,
-                   secret_key=cluster.minio.secret_key, secure=False)
+    client = Minio(
+        cluster.minio.endpoint,
+        access_key=cluster.minio.access_key,
+        secret_key=cluster.minio.secret_key,
+        secure=False,
+    )
     found = {}
     for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
         assert obj.object_name is not None
@@ -123,8 +138,9 @@ def test_indexed_job_completes_and_every_index_writes_to_minio(
     cluster: LocalCluster, namespace: str, bucket: str
 ) -> None:
     minio_secret(cluster, namespace)
-    cluster.kubectl("apply", "-n", namespace, "-f", "-",
-                    input=yaml.safe_dump(indexed_job("three", bucket, 3)))
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(indexed_job("three", bucket, 3))
+    )
     job = wait_job(cluster, namespace, "three")
     conditions = {c["type"]: c["status"] for c in job["status"]["conditions"]}
     assert conditions.get("Complete") == "True", job["status"]
@@ -142,8 +158,14 @@ def test_an_index_that_fails_once_is_retried_per_index(
     cluster: LocalCluster, namespace: str, bucket: str
 ) -> None:
     minio_secret(cluster, namespace)
-    cluster.kubectl("apply", "-n", namespace, "-f", "-",
-                    input=yaml.safe_dump(indexed_job("flaky", bucket, 3, fail_once_index="1")))
+    cluster.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=yaml.safe_dump(indexed_job("flaky", bucket, 3, fail_once_index="1")),
+    )
     job = wait_job(cluster, namespace, "flaky")
     conditions = {c["type"]: c["status"] for c in job["status"]["conditions"]}
     assert conditions.get("Complete") == "True", job["status"]
@@ -151,7 +173,9 @@ def test_an_index_that_fails_once_is_retried_per_index(
     assert job["status"]["failed"] == 1
     assert "failedIndexes" not in job["status"] or job["status"]["failedIndexes"] == ""
     assert sorted(objects(cluster, bucket, "failed-once/")) == ["failed-once/1"]
-    pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-l", "job-name=flaky", "-o", "json"))
+    pods = json.loads(
+        cluster.kubectl("get", "pods", "-n", namespace, "-l", "job-name=flaky", "-o", "json")
+    )
     phases = sorted(
         (p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"], p["status"]["phase"])
         for p in pods["items"]
@@ -161,9 +185,13 @@ def test_an_index_that_fails_once_is_retried_per_index(
     assert failed["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
 
 
-def test_kubectl_sees_nodes_jobs_and_pods(cluster: LocalCluster, namespace: str, bucket: str) -> None:
+def test_kubectl_sees_nodes_jobs_and_pods(
+    cluster: LocalCluster, namespace: str, bucket: str
+) -> None:
     minio_secret(cluster, namespace)
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(indexed_job("seen", bucket, 1)))
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(indexed_job("seen", bucket, 1))
+    )
     wait_job(cluster, namespace, "seen")
     out = cluster.kubectl("get", "nodes,jobs,pods", "-n", namespace)
     assert "node/imagebatch-node" in out and " Ready " in out
@@ -196,9 +224,18 @@ def test_pod_gets_its_service_account_rights_and_no_more(
     cluster: LocalCluster, namespace: str
 ) -> None:
     cluster.kubectl("create", "serviceaccount", "reader", "-n", namespace)
-    cluster.kubectl("create", "role", "cm-reader", "--verb=list", "--resource=configmaps", "-n", namespace)
-    cluster.kubectl("create", "rolebinding", "cm-reader", "--role=cm-reader",
-                    f"--serviceaccount={namespace}:reader", "-n", namespace)
+    cluster.kubectl(
+        "create", "role", "cm-reader", "--verb=list", "--resource=configmaps", "-n", namespace
+    )
+    cluster.kubectl(
+        "create",
+        "rolebinding",
+        "cm-reader",
+        "--role=cm-reader",
+        f"--serviceaccount={namespace}:reader",
+        "-n",
+        namespace,
+    )
     name = f"probe-{uuid.uuid4().hex[:6]}"
     pod = {
         "apiVersion": "v1",
@@ -212,15 +249,22 @@ def test_pod_gets_its_service_account_rights_and_no_more(
                     "name": "probe",
                     "image": "python:3.11-slim",
                     "command": ["python", "-c", RBAC_PROBE],
-                    "env": [{"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+                    "env": [
+                        {
+                            "name": "NS",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                        }
+                    ],
                 }
             ],
         },
     }
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(pod))
     cluster.wait_for(
-        lambda: cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "jsonpath={.status.phase}")
-        == "Succeeded",
+        lambda: (
+            cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "jsonpath={.status.phase}")
+            == "Succeeded"
+        ),
         f"pod {name} to succeed",
     )
     log = (cluster.pod_logs / f"{namespace}_{name}_probe.log").read_text()
@@ -228,7 +272,9 @@ def test_pod_gets_its_service_account_rights_and_no_more(
     assert "secrets: 403" in log
 
 
-def test_deleting_a_running_pod_terminates_its_process(cluster: LocalCluster, namespace: str) -> None:
+def test_deleting_a_running_pod_terminates_its_process(
+    cluster: LocalCluster, namespace: str
+) -> None:
     script = textwrap.dedent(
         """
         import signal, sys, time
@@ -252,8 +298,12 @@ def test_deleting_a_running_pod_terminates_its_process(cluster: LocalCluster, na
     }
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(pod))
     cluster.wait_for(
-        lambda: cluster.kubectl("get", "pod", "sleeper", "-n", namespace, "-o", "jsonpath={.status.phase}")
-        == "Running",
+        lambda: (
+            cluster.kubectl(
+                "get", "pod", "sleeper", "-n", namespace, "-o", "jsonpath={.status.phase}"
+            )
+            == "Running"
+        ),
         "sleeper running",
     )
     started = time.monotonic()

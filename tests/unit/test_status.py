@@ -5,8 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from imagebatch_operator.status import Counts, Observation, Reason, Stage, compute_status, differs, set_condition
+from imagebatch_operator.status import (
+    Counts,
+    Observation,
+    Reason,
+    Stage,
+    compute_status,
+    differs,
+    set_condition,
+)
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 
@@ -41,13 +48,17 @@ def test_every_stage_has_ready_and_kstatus_conditions(
 
 
 def test_invalid_csv_sets_validated_false_with_reason() -> None:
-    status = compute_status({}, Observation(generation=1, stage=Stage.INVALID, message="bad row 3"), T0)
+    status = compute_status(
+        {}, Observation(generation=1, stage=Stage.INVALID, message="bad row 3"), T0
+    )
     assert conds(status)["Validated"] == ("False", "InvalidCSV")
     assert conds(status)["Failed"] == ("True", "InvalidCSV")
 
 
 def test_success_with_some_failed_images_says_so() -> None:
-    o = Observation(generation=1, stage=Stage.SUCCEEDED, images=Counts(total=10, succeeded=9, failed=1))
+    o = Observation(
+        generation=1, stage=Stage.SUCCEEDED, images=Counts(total=10, succeeded=9, failed=1)
+    )
     status = compute_status({}, o, T0)
     assert conds(status)["Complete"] == ("True", "SucceededWithFailures")
     assert status["images"] == {"total": 10, "succeeded": 9, "failed": 1, "skipped": 0}
@@ -56,7 +67,11 @@ def test_success_with_some_failed_images_says_so() -> None:
 
 def test_transition_time_kept_while_the_status_does_not_change() -> None:
     first = compute_status({}, Observation(generation=1, stage=Stage.RUNNING), T0)
-    second = compute_status(first, Observation(generation=1, stage=Stage.RUNNING, images=Counts(total=4, succeeded=1)), T1)
+    second = compute_status(
+        first,
+        Observation(generation=1, stage=Stage.RUNNING, images=Counts(total=4, succeeded=1)),
+        T1,
+    )
     times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
     assert times["Ready"] == T0 and times["Reconciling"] == T0
     done = compute_status(second, Observation(generation=1, stage=Stage.SUCCEEDED), T1)
@@ -67,21 +82,54 @@ def test_transition_time_kept_while_the_status_does_not_change() -> None:
 def test_set_condition_adds_and_replaces() -> None:
     c = set_condition([], "Ready", "False", "Pending", "", 1, T0)
     c = set_condition(c, "Ready", "True", "Succeeded", "ok", 2, T1)
-    assert c == [{"type": "Ready", "status": "True", "reason": "Succeeded", "message": "ok", "observedGeneration": 2, "lastTransitionTime": T1}]
+    assert c == [
+        {
+            "type": "Ready",
+            "status": "True",
+            "reason": "Succeeded",
+            "message": "ok",
+            "observedGeneration": 2,
+            "lastTransitionTime": T1,
+        }
+    ]
 
 
 def test_webhook_condition_only_when_configured_and_record_is_kept() -> None:
     without = compute_status({}, Observation(generation=1, stage=Stage.RUNNING), T0)
     assert "WebhookDelivered" not in conds(without)
-    pending = compute_status({}, Observation(generation=1, stage=Stage.RUNNING, webhook_configured=True), T0)
+    pending = compute_status(
+        {}, Observation(generation=1, stage=Stage.RUNNING, webhook_configured=True), T0
+    )
     assert conds(pending)["WebhookDelivered"] == ("Unknown", "Pending")
-    delivered = {**pending, "webhook": {"attempts": 1}, "conditions": set_condition(pending["conditions"], "WebhookDelivered", "True", Reason.WEBHOOK_DELIVERED, "", 1, T1)}
-    again = compute_status(delivered, Observation(generation=1, stage=Stage.SUCCEEDED, webhook_configured=True), T1)
+    delivered = {
+        **pending,
+        "webhook": {"attempts": 1},
+        "conditions": set_condition(
+            pending["conditions"], "WebhookDelivered", "True", Reason.WEBHOOK_DELIVERED, "", 1, T1
+        ),
+    }
+    again = compute_status(
+        delivered, Observation(generation=1, stage=Stage.SUCCEEDED, webhook_configured=True), T1
+    )
     assert conds(again)["WebhookDelivered"] == ("True", "Delivered")
     assert again["webhook"] == {"attempts": 1}
 
 
 def test_differs_only_when_a_write_would_change_something() -> None:
     status = compute_status({}, Observation(generation=1, stage=Stage.RUNNING), T0)
-    assert not differs(status, compute_status(status, Observation(generation=1, stage=Stage.RUNNING), T1))
-    assert differs(status, compute_status(status, Observation(generation=1, stage=Stage.RUNNING, images=Counts(1, 1)), T1))
+    assert not differs(
+        status, compute_status(status, Observation(generation=1, stage=Stage.RUNNING), T1)
+    )
+    assert differs(
+        status,
+        compute_status(
+            status, Observation(generation=1, stage=Stage.RUNNING, images=Counts(1, 1)), T1
+        ),
+    )
+
+
+def test_fields_set_to_none_count_as_absent() -> None:
+    stored = {"webhook": {"run": "r2", "attempts": 0}}
+    computed = {"webhook": {"run": "r2", "attempts": 0, "deliveredTime": None}}
+    assert not differs(stored, computed)
+    assert differs({"webhook": {"run": "r1", "deliveredTime": "t"}}, computed)
