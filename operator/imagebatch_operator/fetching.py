@@ -11,14 +11,14 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 
 import requests
-from imagebatch_worker.failures import ImageFailure
-from imagebatch_worker.fetch import Fetcher, PinnedAdapter
-from imagebatch_worker.settings import WorkerSettings, parse_networks
-from imagebatch_worker.urlguard import AddressPolicy, resolve_target
 
 from imagebatch_operator.settings import Settings
 from imagebatch_operator.sources import CHUNK, SourceUnavailable, UrlOpener
 from imagebatch_operator.webhook import Refused
+from imagebatch_worker.failures import ImageFailure
+from imagebatch_worker.fetch import Fetcher, PinnedAdapter
+from imagebatch_worker.settings import WorkerSettings, parse_networks
+from imagebatch_worker.urlguard import AddressPolicy, resolve_target
 
 
 def csv_url_opener(settings: Settings) -> UrlOpener:

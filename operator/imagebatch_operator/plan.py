@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from imagebatch_operator.settings import Settings
 from imagebatch_worker.contract import (
     EXIT_PERMANENT,
     Compression,
@@ -19,8 +20,6 @@ from imagebatch_worker.contract import (
     ShardManifest,
     image_key,
 )
-
-from imagebatch_operator.settings import Settings
 
 GROUP = "imagebatch.dev"
 VERSION = "v1alpha1"

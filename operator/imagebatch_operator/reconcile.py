@@ -19,6 +19,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from imagebatch_operator import csvinput, plan, results, webhook
+from imagebatch_operator.kube import Kube
+from imagebatch_operator.settings import Settings
+from imagebatch_operator.sources import SourceUnavailable, UrlOpener, describe, open_source
+from imagebatch_operator.status import Counts, Observation, Reason, Stage, compute_status, differs
 from imagebatch_worker.contract import (
     ImageResult,
     ShardManifest,
@@ -33,12 +38,6 @@ from imagebatch_worker.contract import (
     Stage as ImageStage,
 )
 from imagebatch_worker.storage import ObjectNotFound, Storage
-
-from imagebatch_operator import csvinput, plan, results, webhook
-from imagebatch_operator.kube import Kube
-from imagebatch_operator.settings import Settings
-from imagebatch_operator.sources import SourceUnavailable, UrlOpener, describe, open_source
-from imagebatch_operator.status import Counts, Observation, Reason, Stage, compute_status, differs
 
 log = logging.getLogger("imagebatch.reconcile")
 

@@ -10,9 +10,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from imagebatch_worker.storage import StorageSettings
-
 from imagebatch_operator.csvinput import CsvLimits
+from imagebatch_worker.storage import StorageSettings
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from imagebatch_worker.storage import ObjectNotFound, Storage, StorageUnavailable
-
 from imagebatch_operator.kube import Kube
+from imagebatch_worker.storage import ObjectNotFound, Storage, StorageUnavailable
 
 CHUNK = 64 * 1024
 

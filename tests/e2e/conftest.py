@@ -30,6 +30,24 @@ CRD = ROOT / "crds" / "imagebatches.imagebatch.dev.yaml"
 OUTPUT_BUCKET = "imagebatch"
 
 
+def public_base(cluster: LocalCluster) -> str:
+    assert cluster.minio is not None
+    return f"{cluster.minio.url}/{OUTPUT_BUCKET}"
+
+
+PUBLIC_READ = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {
+            "Effect": "Allow",
+            "Principal": {"AWS": ["*"]},
+            "Action": ["s3:GetObject"],
+            "Resource": [f"arn:aws:s3:::{OUTPUT_BUCKET}/*"],
+        }
+    ],
+}
+
+
 class OperatorProcess:
     """The operator as a real process; ``restart(kill=True)`` simulates a crash."""
 
@@ -44,6 +62,9 @@ class OperatorProcess:
             "MINIO_ACCESS_KEY": cluster.minio.access_key,
             "MINIO_SECRET_KEY": cluster.minio.secret_key,
             "IMAGEBATCH_BUCKET": OUTPUT_BUCKET,
+            # Output URLs under a public base (the bucket is anonymously readable), so
+            # output.csv is deterministic and can be compared byte by byte.
+            "IMAGEBATCH_PUBLIC_URL": public_base(cluster),
             # The sample servers live on loopback; a real install allows nothing here.
             "IMAGEBATCH_ALLOW_NETS": "127.0.0.0/8",
             "IMAGEBATCH_WORKER_IMAGE": "imagebatch:e2e",
@@ -84,7 +105,7 @@ class OperatorProcess:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster: LocalCluster) -> Iterator[OperatorProcess]:
+def operator(cluster: LocalCluster, storage: Minio) -> Iterator[OperatorProcess]:
     """The CRD installed and one operator watching every namespace."""
     cluster.kubectl("apply", "-f", str(CRD))
     cluster.kubectl(
@@ -107,6 +128,7 @@ def storage(cluster: LocalCluster) -> Minio:
     )
     if not client.bucket_exists(OUTPUT_BUCKET):
         client.make_bucket(OUTPUT_BUCKET)
+    client.set_bucket_policy(OUTPUT_BUCKET, json.dumps(PUBLIC_READ))
     return client
 
 

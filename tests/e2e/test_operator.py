@@ -19,8 +19,16 @@ from minio import Minio
 from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
+from imagebatch_worker.contract import Compression, image_key
 from tests.cluster.stack import LocalCluster
-from tests.e2e.conftest import OUTPUT_BUCKET, OperatorProcess, apply, get_batch, wait_batch
+from tests.e2e.conftest import (
+    OUTPUT_BUCKET,
+    OperatorProcess,
+    apply,
+    get_batch,
+    public_base,
+    wait_batch,
+)
 from tests.support.servers import ImageServer, WebhookReceiver
 
 pytestmark = pytest.mark.e2e
@@ -113,20 +121,33 @@ def test_inline_batch_compresses_every_image_writes_csv_and_signs_the_webhook(
     assert c["Stalled"][0] == "False" and c["Reconciling"][0] == "False"
     assert status["output"]["csv"] == f"s3://{OUTPUT_BUCKET}/{namespace}/spring/output.csv"
 
-    rows = csv_rows(read(storage, f"{namespace}/spring/output.csv"))
-    assert rows[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls"]
-    assert [r[:3] for r in rows[1:]] == [
-        ["1", "SKU1", f"{s}/a.jpg,{s}/b.png"],
-        ["2", "SKU2", f"{s}/c.jpg"],
-        ["3", '\'=HYPERLINK("x")', f"{s}/a.jpg"],
-    ]
-    outputs = [r[3].split(",") for r in rows[1:]]
-    assert [len(o) for o in outputs] == [2, 1, 1]
-    assert outputs[0][0].split("?")[0] == outputs[2][0].split("?")[0]  # same URL, one object
-    for url in (outputs[0][0], outputs[0][1], outputs[1][0]):
-        body = requests.get(url, timeout=10).content
-        with Image.open(io.BytesIO(body)) as img:
-            assert img.format == "JPEG"
+    base = public_base(cluster)
+    compression = Compression()
+    prefix = f"{namespace}/spring/"
+
+    def out(path: str) -> str:
+        return f"{base}/{image_key(prefix, s + path, compression)}"
+
+    output_csv = read(storage, f"{prefix}output.csv")
+    assert output_csv.decode() == (
+        "S. No.,Product Name,Input Image Urls,Output Image Urls\r\n"
+        f'1,SKU1,"{s}/a.jpg,{s}/b.png","{out("/a.jpg")},{out("/b.png")}"\r\n'
+        f"2,SKU2,{s}/c.jpg,{out('/c.jpg')}\r\n"
+        f'3,"\'=HYPERLINK(""x"")",{s}/a.jpg,{out("/a.jpg")}\r\n'
+    )
+    assert read(storage, f"{prefix}errors.csv") == b"row,url,stage,reason\r\n"
+    rows = csv_rows(output_csv)
+    sources = {
+        "/a.jpg": images.files["/a.jpg"][0],
+        "/b.png": images.files["/b.png"][0],
+        "/c.jpg": images.files["/c.jpg"][0],
+    }
+    for path, original in sources.items():
+        body = requests.get(out(path), timeout=10).content
+        if path.endswith(".jpg"):  # quality 95 in, quality 50 out
+            assert len(body) < len(original)
+        with Image.open(io.BytesIO(body)) as img, Image.open(io.BytesIO(original)) as src:
+            assert img.format == "JPEG" and img.size == src.size
     stored = sorted(
         o.object_name or ""
         for o in storage.list_objects(
@@ -373,7 +394,7 @@ def test_kubectl_apply_refuses_a_bad_spec(
     assert message in proc.stderr
 
 
-def test_spec_change_starts_a_new_run_and_reuses_nothing_it_should_not(
+def test_spec_change_reruns_only_what_changed(
     cluster: LocalCluster,
     namespace: str,
     operator: OperatorProcess,
@@ -382,28 +403,37 @@ def test_spec_change_starts_a_new_run_and_reuses_nothing_it_should_not(
     receiver: WebhookReceiver,
 ) -> None:
     s = images.url
-    text = HEADER + f"1,A,{s}/many/0.jpg\n2,B,{s}/many/1.jpg\n"
-    manifest = batch("evolving", {"inline": text}, webhook={"url": receiver.url})
+    rows = [f"1,A,{s}/many/0.jpg\n", f"2,B,{s}/many/1.jpg\n", f"3,C,{s}/many/2.jpg\n"]
+    manifest = batch(
+        "evolving", {"inline": HEADER + "".join(rows[:2])}, webhook={"url": receiver.url}
+    )
     apply(cluster, namespace, manifest)
     first = wait_batch(cluster, namespace, "evolving", ("Succeeded",))
     first_job = f"evolving-g{first['metadata']['generation']}"
     assert cluster.kubectl_ok("get", "job", first_job, "-n", namespace)
-    # A new quality means new content-addressed keys: everything is processed again.
-    manifest["spec"]["compression"] = {"quality": 30}
+    assert first["status"]["images"] == {"total": 2, "succeeded": 2, "failed": 0, "skipped": 0}
+
+    # A row added: only its image is fetched and compressed; the others are skipped.
+    manifest["spec"]["source"] = {"inline": HEADER + "".join(rows)}
     apply(cluster, namespace, manifest)
     second = wait_batch(cluster, namespace, "evolving", ("Succeeded",))
     assert second["status"]["run"] != first["status"]["run"]
-    assert second["status"]["images"]["succeeded"] == 2
+    assert second["status"]["images"] == {"total": 3, "succeeded": 3, "failed": 0, "skipped": 2}
+    assert [images.hits[f"/many/{i}.jpg"] for i in range(3)] == [1, 1, 1]
     cluster.wait_for(
         lambda: not cluster.kubectl_ok("get", "job", first_job, "-n", namespace),
         "the old run's Job to be deleted",
     )
-    # Same settings again (suspend toggled back and forth is a spec change): outputs exist.
-    manifest["spec"]["suspend"] = False
-    manifest["spec"]["sharding"] = {"parallelism": 2}
+    output = csv_rows(read(storage, f"{namespace}/evolving/output.csv"))
+    assert [r[0] for r in output[1:]] == ["1", "2", "3"]
+
+    # New compression settings are new content addresses: everything runs again.
+    manifest["spec"]["compression"] = {"quality": 30}
     apply(cluster, namespace, manifest)
     third = wait_batch(cluster, namespace, "evolving", ("Succeeded",))
-    assert third["status"]["images"]["skipped"] == 2
+    assert third["status"]["images"] == {"total": 3, "succeeded": 3, "failed": 0, "skipped": 0}
+    assert [images.hits[f"/many/{i}.jpg"] for i in range(3)] == [2, 2, 2]
+
     deadline = time.monotonic() + 30
     while len(receiver.deliveries) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)

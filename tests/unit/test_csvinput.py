@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from imagebatch_operator.csvinput import CsvLimits, CsvProblem, Row, parse
 
 HEADER = "S. No.,Product Name,Input Image Urls\n"

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from imagebatch_worker.contract import EXIT_PERMANENT, Compression, ShardManifest, image_key
-from imagebatch_worker.storage import StorageSettings
 
 from imagebatch_operator import plan
 from imagebatch_operator.settings import Settings
+from imagebatch_worker.contract import EXIT_PERMANENT, Compression, ShardManifest, image_key
+from imagebatch_worker.storage import StorageSettings
 
 REF = plan.BatchRef("shop", "spring-catalog", "0f1e2d3c-aaaa-bbbb-cccc-123456789abc", 3)
 SETTINGS = Settings(storage=StorageSettings("minio.storage:9000", "AKIA", "s3cr3t"))
@@ -29,10 +29,14 @@ def test_repeated_urls_are_processed_once_in_first_seen_order() -> None:
     assert list(keys) == ["u1", "u2", "u3"]
 
 
-@pytest.mark.parametrize(("images", "per_shard", "sizes"), [(5, 2, [2, 2, 1]), (4, 4, [4]), (1, 100, [1]), (0, 3, [])])
+@pytest.mark.parametrize(
+    ("images", "per_shard", "sizes"), [(5, 2, [2, 2, 1]), (4, 4, [4]), (1, 100, [1]), (0, 3, [])]
+)
 def test_shards_split_in_order(images: int, per_shard: int, sizes: list[int]) -> None:
     keys = plan.unique_images([f"https://x.test/{i}" for i in range(images)], "p/", Compression())
-    manifests = plan.shard_manifests(keys, run="r", bucket="b", prefix="p/", compression=Compression(), per_shard=per_shard)
+    manifests = plan.shard_manifests(
+        keys, run="r", bucket="b", prefix="p/", compression=Compression(), per_shard=per_shard
+    )
     assert [len(m.images) for m in manifests] == sizes
     assert [m.index for m in manifests] == list(range(len(sizes)))
     flat = [i.url for m in manifests for i in m.images]
@@ -50,19 +54,34 @@ def test_names_are_deterministic_and_fit_hostname_limits() -> None:
 
 
 def job(**spec: Any) -> dict[str, Any]:
-    return plan.build_job(REF, spec, SETTINGS, run="g3-0f1e2d3c", shards=7, bucket="imagebatch", prefix="shop/spring-catalog/")
+    return plan.build_job(
+        REF,
+        spec,
+        SETTINGS,
+        run="g3-0f1e2d3c",
+        shards=7,
+        bucket="imagebatch",
+        prefix="shop/spring-catalog/",
+    )
 
 
 def test_job_is_one_indexed_job_owned_by_the_batch() -> None:
     j = job(sharding={"parallelism": 3, "retriesPerShard": 2})
     assert j == job(sharding={"parallelism": 3, "retriesPerShard": 2})
     s = j["spec"]
-    assert (s["completionMode"], s["completions"], s["parallelism"], s["backoffLimitPerIndex"]) == ("Indexed", 7, 3, 2)
+    assert (s["completionMode"], s["completions"], s["parallelism"], s["backoffLimitPerIndex"]) == (
+        "Indexed",
+        7,
+        3,
+        2,
+    )
     assert s["maxFailedIndexes"] == 7
     owner = j["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("ImageBatch", REF.uid, True)
     rules = s["podFailurePolicy"]["rules"]
-    assert rules[0]["action"] == "FailIndex" and rules[0]["onExitCodes"]["values"] == [EXIT_PERMANENT]
+    assert rules[0]["action"] == "FailIndex" and rules[0]["onExitCodes"]["values"] == [
+        EXIT_PERMANENT
+    ]
     assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
 
 
@@ -77,13 +96,20 @@ def test_worker_pod_is_restricted_and_has_no_token() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     c = pod["containers"][0]["securityContext"]
-    assert c == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    assert c == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def test_credentials_come_from_a_secret_never_the_manifest() -> None:
     j = job()
     env = {e["name"]: e for e in j["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["MINIO_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == plan.storage_secret_name(REF)
+    assert env["MINIO_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == plan.storage_secret_name(
+        REF
+    )
     assert env["MINIO_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "secretKey"
     assert "s3cr3t" not in repr(j) and "AKIA" not in repr(j)
     assert env["IMAGEBATCH_RUN"]["value"] == "g3-0f1e2d3c"

@@ -7,8 +7,9 @@ import json
 import random
 
 import pytest
-from imagebatch_operator import webhook
 from standardwebhooks.webhooks import Webhook
+
+from imagebatch_operator import webhook
 
 WHEN = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
