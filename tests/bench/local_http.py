@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -36,7 +37,7 @@ class SeenRequest:
 
 
 class LocalHTTPServer:
-    """Threaded HTTP/1.1 server on 127.0.0.1. Use as a context manager.
+    """Threaded HTTP/1.1 server on 127.0.0.1 (HTTPS with ``tls``). Use as a context manager.
 
     Routes (``url(path)`` builds the full URL):
 
@@ -56,8 +57,14 @@ class LocalHTTPServer:
     ``/ratelimited/<s>/<name>``   429 with ``Retry-After: s`` once, then the file
     """
 
-    def __init__(self, files: Mapping[str, bytes] | None = None, stall_seconds: float = 30.0):
+    def __init__(
+        self,
+        files: Mapping[str, bytes] | None = None,
+        stall_seconds: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.files: dict[str, bytes] = dict(files or {})
+        self.scheme = "https" if tls is not None else "http"
         self.stall_seconds = stall_seconds
         self.requests: list[SeenRequest] = []
         self.stopping = threading.Event()
@@ -65,6 +72,8 @@ class LocalHTTPServer:
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -75,7 +84,7 @@ class LocalHTTPServer:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def url(self, path: str) -> str:
         return f"{self.base}/{path.lstrip('/')}"
@@ -220,7 +229,7 @@ def _trickle(
     handler: Any, server: LocalHTTPServer, segments: list[str], query: str, n: int
 ) -> None:
     handler.send_response(200)
-    handler.send_header("Content-Length", str(HUGE_BYTES))
+    handler.send_header("Connection", "close")  # no length: the body ends when we stop
     handler.end_headers()
     while not server.stopping.wait(0.2):
         handler.wfile.write(b"\0")

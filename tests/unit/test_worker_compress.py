@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from PIL import ExifTags, Image, ImageCms
+
 from imagebatch_worker import compress as compress_module
 from imagebatch_worker.compress import CompressedImage, CompressParams, compress
 from imagebatch_worker.contract import Compression, Stage
 from imagebatch_worker.failures import ImageFailure, Reason
-from PIL import ExifTags, Image, ImageCms
-
 from tests.bench.images import photo, photo_jpeg
 
 RED = (255, 0, 0)

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+
 from imagebatch_worker.contract import Stage
 from imagebatch_worker.failures import ImageFailure, Reason
 from imagebatch_worker.fetch import Fetcher
@@ -27,7 +28,6 @@ from imagebatch_worker.urlguard import (
     resolve_target,
     system_resolver,
 )
-
 from tests.bench.images import photo_jpeg
 from tests.bench.local_http import LocalHTTPServer
 

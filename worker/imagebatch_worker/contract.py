@@ -146,7 +146,7 @@ class ShardManifest:
                 compression=Compression(**doc["compression"]),
                 images=tuple(ShardImage(str(i["url"]), str(i["key"])) for i in doc["images"]),
             )
-        except (KeyError, TypeError, json.JSONDecodeError) as error:
+        except (AttributeError, KeyError, TypeError, json.JSONDecodeError) as error:
             raise ValueError(f"malformed shard manifest: {error}") from error
 
 
@@ -197,5 +197,5 @@ class ShardResult:
                 finished_at=str(doc.get("finished_at", "")),
                 extra=dict(doc.get("extra") or {}),
             )
-        except (KeyError, TypeError, json.JSONDecodeError) as error:
+        except (AttributeError, KeyError, TypeError, json.JSONDecodeError) as error:
             raise ValueError(f"malformed shard result: {error}") from error
