@@ -92,6 +92,7 @@ class RunCache:
     run: str = ""
     results: dict[int, ShardResult] = field(default_factory=dict)
     last_write: float = 0.0
+    writes: int = 0
 
 
 @dataclass(frozen=True)
@@ -137,12 +138,32 @@ class Reconciler:
 
     # -- status ---------------------------------------------------------------
 
-    def write(self, batch: Batch, obs: Observation, cache: RunCache) -> dict[str, Any]:
-        """Compute the status; patch it only when it differs from what is stored."""
+    def write(
+        self, batch: Batch, obs: Observation, cache: RunCache, *, progress: bool = False
+    ) -> dict[str, Any]:
+        """Compute the status; patch it only when it differs from what is stored.
+
+        A ``progress`` write (counters of a running batch) is also held back until
+        ``min_write_seconds`` have passed since the last one, so a busy batch costs the
+        API server about one write a second; transitions are always written at once.
+        """
         computed = compute_status(batch.status, obs, utcnow())
-        if differs(batch.status, computed):
-            self.kube.patch_status(batch.ref.namespace, batch.ref.name, computed)
-            cache.last_write = time.monotonic()
+        if not differs(batch.status, computed):
+            return computed
+        if progress and time.monotonic() - cache.last_write < self.settings.min_write_seconds:
+            return dict(batch.status)
+        self.kube.patch_status(batch.ref.namespace, batch.ref.name, computed)
+        cache.last_write = time.monotonic()
+        cache.writes += 1
+        log.info(
+            "status %s/%s written: phase=%s images=%s/%s (write %d of this run)",
+            batch.ref.namespace,
+            batch.ref.name,
+            computed["phase"],
+            computed["images"]["succeeded"],
+            computed["images"]["total"],
+            cache.writes,
+        )
         return computed
 
     def url_of(self, bucket: str) -> Callable[[str], str]:
@@ -167,7 +188,7 @@ class Reconciler:
         if same_run and status.get("phase") in ("Succeeded", "Failed"):
             return self.after_completion(batch, events)
         if cache.run != run:
-            cache.run, cache.results = run, {}
+            cache.run, cache.results, cache.writes = run, {}, 0
         if same_run and status.get("phase") == "Running":
             return self.follow(batch, run, cache, events)
         return self.start_run(batch, run, cache, events)
@@ -421,7 +442,7 @@ class Reconciler:
             len(failed),
             int(job_status.get("active") or 0),
         )
-        self.write(batch, obs, cache)
+        self.write(batch, obs, cache, progress=True)
         return self.settings.poll_seconds
 
     def progress(

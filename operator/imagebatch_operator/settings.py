@@ -58,8 +58,11 @@ class Settings:
     webhook_attempts: int = 6
     webhook_backoff_seconds: float = 1.0
     webhook_timeout_seconds: float = 10.0
-    # Seconds between two looks at a running batch (the status is written at most this often).
+    # Seconds between two looks at a running batch.
     poll_seconds: float = 1.0
+    # Least seconds between two progress writes of one batch's status (transitions are
+    # written at once); bounds the API writes of a busy batch.
+    min_write_seconds: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -97,4 +100,7 @@ class Settings:
                 e.get("IMAGEBATCH_WEBHOOK_BACKOFF_SECONDS", defaults.webhook_backoff_seconds)
             ),
             poll_seconds=float(e.get("IMAGEBATCH_POLL_SECONDS", defaults.poll_seconds)),
+            min_write_seconds=float(
+                e.get("IMAGEBATCH_MIN_WRITE_SECONDS", defaults.min_write_seconds)
+            ),
         )

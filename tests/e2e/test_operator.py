@@ -463,6 +463,7 @@ def test_operator_killed_mid_run_resumes_without_duplicates(
             sharding={"imagesPerShard": 1, "parallelism": 1},
         ),
     )
+    started = time.monotonic()
     wait_batch(cluster, namespace, "crashy", ("Running",))
     operator.restart(kill=True)
     time.sleep(2)
@@ -470,8 +471,12 @@ def test_operator_killed_mid_run_resumes_without_duplicates(
     ib = wait_batch(cluster, namespace, "crashy", ("Succeeded",), timeout=240)
     assert ib["status"]["images"]["succeeded"] == 12
     assert ib["status"]["shards"] == {"total": 12, "succeeded": 12, "failed": 0, "active": 0}
+    elapsed = time.monotonic() - started
     jobs = json.loads(cluster.kubectl("get", "jobs", "-n", namespace, "-o", "json"))["items"]
     assert len(jobs) == 1
+    # Progress is written at most about once a second, transitions at once.
+    writes = operator.log().count(f"status {namespace}/crashy written")
+    assert 3 <= writes <= elapsed + 8, (writes, elapsed)
     deadline = time.monotonic() + 30
     while not receiver.deliveries and time.monotonic() < deadline:
         time.sleep(0.2)
