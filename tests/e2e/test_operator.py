@@ -509,3 +509,78 @@ def test_deletion_policy_delete_removes_outputs_and_jobs_go_with_the_batch(
         ),
         "the Job to be garbage-collected with its ImageBatch",
     )
+
+
+def test_webhook_retries_a_failing_receiver_and_records_every_attempt(
+    cluster: LocalCluster,
+    namespace: str,
+    operator: OperatorProcess,
+    images: ImageServer,
+) -> None:
+    receiver = WebhookReceiver(answers=lambda n: 503 if n < 3 else 204).start()
+    try:
+        text = HEADER + f"1,A,{images.url}/many/7.jpg\n"
+        apply(cluster, namespace, batch("retried", {"inline": text}, webhook={"url": receiver.url}))
+        wait_batch(cluster, namespace, "retried", ("Succeeded",))
+        cluster.wait_for(
+            lambda: (
+                conditions(get_batch(cluster, namespace, "retried"))["WebhookDelivered"][0]
+                == "True"
+            ),
+            "the webhook to be delivered",
+        )
+        ib = get_batch(cluster, namespace, "retried")
+        record = ib["status"]["webhook"]
+        assert record["attempts"] == 3 and record["lastStatusCode"] == 204
+        assert "deliveredTime" in record
+        assert conditions(ib)["WebhookDelivered"] == ("True", "Delivered")
+        assert len(receiver.deliveries) == 3
+        assert len({d.headers["webhook-id"] for d in receiver.deliveries}) == 1
+    finally:
+        receiver.close()
+
+
+def test_a_receiver_that_answers_410_is_not_called_again(
+    cluster: LocalCluster,
+    namespace: str,
+    operator: OperatorProcess,
+    images: ImageServer,
+) -> None:
+    receiver = WebhookReceiver(answers=lambda n: 410).start()
+    try:
+        text = HEADER + f"1,A,{images.url}/many/8.jpg\n"
+        apply(cluster, namespace, batch("gone", {"inline": text}, webhook={"url": receiver.url}))
+        cluster.wait_for(
+            lambda: (
+                conditions(get_batch(cluster, namespace, "gone")).get("WebhookDelivered", ("",))[0]
+                == "False"
+            ),
+            "the webhook to be given up",
+        )
+        ib = get_batch(cluster, namespace, "gone")
+        assert ib["status"]["phase"] == "Succeeded"  # delivery never changes the batch's result
+        assert conditions(ib)["WebhookDelivered"] == ("False", "ReceiverGone")
+        assert ib["status"]["webhook"]["attempts"] == 1
+        assert len(receiver.deliveries) == 1
+    finally:
+        receiver.close()
+
+
+def test_a_suspended_batch_starts_no_pods_until_resumed(
+    cluster: LocalCluster, namespace: str, operator: OperatorProcess, images: ImageServer
+) -> None:
+    text = HEADER + f"1,A,{images.url}/many/9.jpg\n2,B,{images.url}/many/10.jpg\n"
+    manifest = batch("paused", {"inline": text}, suspend=True)
+    apply(cluster, namespace, manifest)
+    ib = wait_batch(cluster, namespace, "paused", ("Running",))
+    assert conditions(ib)["Reconciling"] == ("True", "Suspended")
+    assert conditions(ib)["Ready"] == ("False", "Suspended")
+    job = json.loads(cluster.kubectl("get", "jobs", "-n", namespace, "-o", "json"))["items"][0]
+    assert job["spec"]["suspend"] is True
+    time.sleep(2)
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-o", "json"))["items"]
+    assert pods == []
+    manifest["spec"]["suspend"] = False
+    apply(cluster, namespace, manifest)
+    resumed = wait_batch(cluster, namespace, "paused", ("Succeeded",))
+    assert resumed["status"]["images"]["succeeded"] == 2
