@@ -312,3 +312,26 @@ def test_deleting_a_running_pod_terminates_its_process(
     assert not cluster.kubectl_ok("get", "pod", "sleeper", "-n", namespace)
     log = (cluster.pod_logs / f"{namespace}_sleeper_main.log").read_text()
     assert "got SIGTERM" in log
+
+
+def test_restart_policy_on_failure_restarts_the_container(
+    cluster: LocalCluster, namespace: str, bucket: str
+) -> None:
+    minio_secret(cluster, namespace)
+    job = indexed_job("restarts", bucket, 1, fail_once_index="0")
+    pod_spec = job["spec"]["template"]["spec"]
+    pod_spec["restartPolicy"] = "OnFailure"
+    del job["spec"]["backoffLimitPerIndex"]  # per-index backoff needs restartPolicy Never
+    job["spec"]["backoffLimit"] = 2  # with OnFailure, container restarts count here
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(job))
+    finished = wait_job(cluster, namespace, "restarts")
+    conditions = {c["type"]: c["status"] for c in finished["status"]["conditions"]}
+    assert conditions.get("Complete") == "True", finished["status"]
+    pods = json.loads(
+        cluster.kubectl("get", "pods", "-n", namespace, "-l", "job-name=restarts", "-o", "json")
+    )["items"]
+    assert len(pods) == 1  # the same pod, its container restarted in place
+    status = pods[0]["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["containerStatuses"][0]["restartCount"] == 1
+    assert sorted(objects(cluster, bucket, "indexes/")) == ["indexes/0.txt"]
