@@ -45,7 +45,12 @@ demo: install
 	@exit 1
 
 bench: binaries
-	@echo "make bench: no benchmarks yet"; exit 1
+	@command -v mogrify >/dev/null || (apt-get update -qq && apt-get install -y -qq imagemagick) \
+		|| echo "imagemagick unavailable: the mogrify comparison will be reported as not measured"
+	mkdir -p reports
+	$(PY) -m tests.bench.bench_worker --out reports/bench-worker.md
+	$(PY) -m tests.bench.bench_operator --out reports/bench-operator.md
+	@echo "reports: reports/bench-worker.md reports/bench-operator.md"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

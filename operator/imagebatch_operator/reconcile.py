@@ -16,6 +16,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -261,12 +262,18 @@ class Reconciler:
             self.storage.put_file(bucket, rows_key(prefix, run), spool_name, "application/x-ndjson")
         finally:
             os.unlink(spool_name)
-        for manifest in manifests:
-            self.storage.put(
-                bucket,
-                shard_manifest_key(prefix, run, manifest.index),
-                manifest.to_json(),
-                "application/json",
+        # Many small PUTs: overlap their round trips.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(
+                pool.map(
+                    lambda m: self.storage.put(
+                        bucket,
+                        shard_manifest_key(prefix, run, m.index),
+                        m.to_json(),
+                        "application/json",
+                    ),
+                    manifests,
+                )
             )
         self.kube.ensure_secret(plan.build_storage_secret(ref, self.settings))
         job = plan.build_job(
