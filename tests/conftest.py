@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from minio import Minio
 
 from tests.cluster.stack import LocalCluster, MinioServer
 
@@ -41,12 +40,7 @@ def minio_server(request: pytest.FixtureRequest) -> Iterator[MinioServer]:
 def bucket(minio_server: MinioServer) -> Iterator[str]:
     """A fresh, empty bucket for one test."""
     name = f"test-{uuid.uuid4().hex[:12]}"
-    client = Minio(
-        minio_server.endpoint,
-        access_key=minio_server.access_key,
-        secret_key=minio_server.secret_key,
-        secure=False,
-    )
+    client = minio_server.client()
     client.make_bucket(name)
     yield name
 

@@ -101,35 +101,21 @@ def set_condition(
     now: str,
 ) -> list[dict[str, Any]]:
     """A copy of ``conditions`` with one condition set; its transition time kept if unchanged."""
-    out: list[dict[str, Any]] = []
-    replaced = False
-    for existing in conditions:
-        if existing.get("type") != type_:
-            out.append(dict(existing))
-            continue
-        replaced = True
-        same = existing.get("status") == status
-        out.append(
-            {
-                "type": type_,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "observedGeneration": generation,
-                "lastTransitionTime": existing.get("lastTransitionTime", now) if same else now,
-            }
-        )
-    if not replaced:
-        out.append(
-            {
-                "type": type_,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "observedGeneration": generation,
-                "lastTransitionTime": now,
-            }
-        )
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    since = now
+    if old is not None and old.get("status") == status:
+        since = str(old.get("lastTransitionTime", now))
+    new = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": since,
+    }
+    out = [new if c is old else dict(c) for c in conditions]
+    if old is None:
+        out.append(new)
     return out
 
 

@@ -42,17 +42,10 @@ SETUP = "local cluster (kube-apiserver, Job controller, MinIO, node agent) on th
 SPOOLED = "Rows are spooled to disk; only distinct URLs and their keys stay in memory."
 
 
-def peak_rss_kib(pid: int) -> int:
-    """The process's high-water resident set (VmHWM), in KiB."""
+def memory_kib(pid: int, field: str) -> int:
+    """A memory figure of a process from /proc, in KiB: VmRSS now, VmHWM at its peak."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
-
-def current_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
 
@@ -181,7 +174,7 @@ def scale(
     data = text.encode()
     storage.put_object(OUTPUT_BUCKET, "bench/scale.csv", io.BytesIO(data), len(data))
     namespace = new_namespace(cluster, "bench-scale")
-    idle = current_rss_kib(operator.process.pid)
+    idle = memory_kib(operator.process.pid, "VmRSS")
     started = time.monotonic()
     cluster.kubectl(
         "apply",
@@ -197,7 +190,7 @@ def scale(
     )
     obj = wait_phase(cluster, namespace, "big", {"Running", "Failed"}, 900)
     seconds = time.monotonic() - started
-    peak = peak_rss_kib(operator.process.pid)
+    peak = memory_kib(operator.process.pid, "VmHWM")
     return {
         "rows": rows,
         "csv_mib": len(data) / 2**20,
@@ -248,12 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = ImageServer(files)
     with LocalCluster() as cluster:
         assert cluster.minio is not None
-        storage = Minio(
-            cluster.minio.endpoint,
-            access_key=cluster.minio.access_key,
-            secret_key=cluster.minio.secret_key,
-            secure=False,
-        )
+        storage = cluster.minio.client()
         storage.make_bucket(OUTPUT_BUCKET)
         storage.set_bucket_policy(OUTPUT_BUCKET, json.dumps(PUBLIC_READ))
         cluster.kubectl("apply", "-f", "crds/imagebatches.imagebatch.dev.yaml")

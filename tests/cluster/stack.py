@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 import requests
+from minio import Minio
 
 from tests.cluster import build, pki
 from tests.cluster.proc import die_with_parent
@@ -67,6 +68,12 @@ class MinioServer:
     @property
     def url(self) -> str:
         return f"http://{self.endpoint}"
+
+    def client(self) -> Minio:
+        """A MinIO SDK client logged in as root."""
+        return Minio(
+            self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False
+        )
 
 
 @dataclass

@@ -120,12 +120,7 @@ def operator(cluster: LocalCluster, storage: Minio) -> Iterator[OperatorProcess]
 @pytest.fixture(scope="session")
 def storage(cluster: LocalCluster) -> Minio:
     assert cluster.minio is not None
-    client = Minio(
-        cluster.minio.endpoint,
-        access_key=cluster.minio.access_key,
-        secret_key=cluster.minio.secret_key,
-        secure=False,
-    )
+    client = cluster.minio.client()
     if not client.bucket_exists(OUTPUT_BUCKET):
         client.make_bucket(OUTPUT_BUCKET)
     client.set_bucket_policy(OUTPUT_BUCKET, json.dumps(PUBLIC_READ))

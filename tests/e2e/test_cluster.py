@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import yaml
-from minio import Minio
 
 from tests.cluster.stack import LocalCluster
 
@@ -119,12 +118,7 @@ def wait_job(
 
 def objects(cluster: LocalCluster, bucket: str, prefix: str) -> dict[str, bytes]:
     assert cluster.minio is not None
-    client = Minio(
-        cluster.minio.endpoint,
-        access_key=cluster.minio.access_key,
-        secret_key=cluster.minio.secret_key,
-        secure=False,
-    )
+    client = cluster.minio.client()
     found = {}
     for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
         assert obj.object_name is not None
