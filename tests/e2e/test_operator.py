@@ -37,6 +37,18 @@ HEADER = "S. No.,Product Name,Input Image Urls\n"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
+@pytest.fixture(autouse=True)
+def restricted(cluster: LocalCluster, namespace: str) -> None:
+    """Every batch runs where the restricted Pod Security Standard is enforced."""
+    cluster.kubectl(
+        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
+    )
+    # The admission plugin really enforces it: a pod without a securityContext is refused.
+    assert not cluster.kubectl_ok(
+        "run", "unrestricted", "--image=x", "--restart=Never", "--dry-run=server", "-n", namespace
+    )
+
+
 def batch(name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "imagebatch.dev/v1alpha1",
