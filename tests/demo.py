@@ -296,13 +296,14 @@ def run_demo(keep: bool, out: Any = sys.stdout) -> int:
             step("done")
             if keep:
                 say()
-                say("the stack stays up; Ctrl-C stops everything")
+                say("the stack stays up; to look around:")
                 say(f"export KUBECONFIG={cluster.kubeconfig}")
                 say(f"export PATH={cluster.workdir / 'tools'}:$PATH   # kubectl, helm")
                 say(
                     f"MinIO: {cluster.minio.url} (user {cluster.minio.access_key}, "
                     f"password {cluster.minio.secret_key})"
                 )
+                say("Ctrl-C stops everything")
                 stop = threading.Event()
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
                 try:
