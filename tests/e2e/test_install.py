@@ -86,8 +86,13 @@ def kubectl_json(cluster: LocalCluster, *args: str) -> dict[str, Any]:
 
 
 def can_i(cluster: LocalCluster, verb: str, resource: str, namespace: str | None) -> bool:
+    """``kubectl auth can-i`` as the operator's ServiceAccount ("RESOURCE/SUB": a subresource)."""
     where = ["-n", namespace] if namespace else ["--all-namespaces"]
-    answer = cluster.kubectl("auth", "can-i", verb, resource, "--as", ACCOUNT, *where, check=False)
+    kind, _, sub = resource.partition("/")
+    extra = [f"--subresource={sub}"] if sub else []
+    answer = cluster.kubectl(
+        "auth", "can-i", verb, kind, *extra, "--as", ACCOUNT, *where, check=False
+    )
     return answer.strip() == "yes"
 
 
@@ -364,6 +369,9 @@ def test_example_batch_applied_with_kubectl_completes(
 def test_worker_pods_ran_under_the_restricted_standard(
     release: Release, shop: dict[str, dict[str, Any]]
 ) -> None:
+    labels = kubectl_json(release.cluster, "get", "namespace", "shop")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    # Admission would have refused a non-compliant pod; the shard's pod ran and succeeded.
     jobs = kubectl_json(release.cluster, "get", "jobs", "-n", "shop")["items"]
     done = [j for j in jobs if j["metadata"]["labels"]["imagebatch.dev/batch"] == "spring-catalog"]
     assert done and done[0]["status"]["succeeded"] == 1
@@ -401,6 +409,7 @@ def test_rbac_grants_what_the_operator_does_and_no_more(release: Release) -> Non
         ("create", "jobs.batch", "shop"),
         ("delete", "jobs.batch", "shop"),
         ("patch", "imagebatches.imagebatch.dev/status", "shop"),
+        ("update", "imagebatches.imagebatch.dev/finalizers", "shop"),
         ("get", "configmaps", "shop"),
         ("get", "secrets", "shop"),
         ("create", "events", "shop"),
@@ -413,6 +422,8 @@ def test_rbac_grants_what_the_operator_does_and_no_more(release: Release) -> Non
         ("update", "configmaps", "shop"),
         ("create", "pods", "shop"),
         ("delete", "imagebatches.imagebatch.dev", "shop"),
+        ("update", "imagebatches.imagebatch.dev/status", "shop"),
+        ("create", "pods/exec", "shop"),
         ("update", "deployments.apps", demo.OPERATOR_NAMESPACE),
         ("create", "clusterrolebindings.rbac.authorization.k8s.io", None),
         ("list", "namespaces", None),  # kopf needs no namespaces when watching all
