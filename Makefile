@@ -31,6 +31,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 unit: install
+	$(PY) -m tests.cluster.build helm
 	$(PY) -m pytest -m "not e2e" tests
 
 test: binaries
@@ -39,10 +40,8 @@ test: binaries
 cluster: binaries
 	$(PY) -m tests.cluster
 
-demo: install
-	@echo "make demo: not yet available: it needs the operator, the worker and the Helm chart"
-	@echo "(see the README's status section). 'make cluster' starts the local stack today."
-	@exit 1
+demo: binaries
+	$(PY) -m tests.demo $(DEMO_ARGS)
 
 bench: binaries
 	@command -v mogrify >/dev/null || (apt-get update -qq && apt-get install -y -qq imagemagick) \
