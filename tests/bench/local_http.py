@@ -42,7 +42,8 @@ class LocalHTTPServer:
     Routes (``url(path)`` builds the full URL):
 
     ``/img/<name>``               the bytes in ``files[name]`` (Content-Type deliberately
-                                  ``application/octet-stream``: the worker must sniff)
+                                  ``application/octet-stream``: the worker must sniff),
+                                  after ``latency`` seconds
     ``/status/<code>``            that status code
     ``/redirect?to=<url>``        302 to ``url``
     ``/loop/<n>``                 302 to ``/loop/<n+1>``, forever
@@ -62,8 +63,10 @@ class LocalHTTPServer:
         files: Mapping[str, bytes] | None = None,
         stall_seconds: float = 30.0,
         tls: ssl.SSLContext | None = None,
+        latency: float = 0.0,
     ):
         self.files: dict[str, bytes] = dict(files or {})
+        self.latency = latency  # seconds before each file is answered, like a far server
         self.scheme = "https" if tls is not None else "http"
         self.stall_seconds = stall_seconds
         self.requests: list[SeenRequest] = []
@@ -173,6 +176,8 @@ def _not_found(
 
 def _image(handler: Any, server: LocalHTTPServer, segments: list[str], query: str, n: int) -> None:
     body = server.files.get("/".join(segments[1:]))
+    if server.latency:
+        server.stopping.wait(server.latency)
     if body is None:
         _not_found(handler, server, segments, query, n)
     else:
@@ -297,23 +302,26 @@ ROUTES: dict[str, _Route] = {
 # -- a file server in its own process, for the benchmark ------------------------
 
 
-def _serve_directory(directory: str, ports: Any) -> None:
+def _serve_directory(directory: str, ports: Any, latency: float) -> None:
     files = {path.name: path.read_bytes() for path in Path(directory).iterdir()}
-    server = LocalHTTPServer(files).start()
+    server = LocalHTTPServer(files, latency=latency).start()
     ports.put(server.port)
     server.stopping.wait()
 
 
 @contextmanager
-def directory_server_process(directory: Path) -> Iterator[str]:
+def directory_server_process(directory: Path, latency: float = 0.0) -> Iterator[str]:
     """Serve ``directory``'s files as ``/img/<name>`` from a separate process.
 
     A separate process keeps the server's Python off the measured process's GIL.
-    Yields the base URL.
+    ``latency`` delays each answer, as a server across the internet would. Yields the
+    base URL.
     """
     context = multiprocessing.get_context("spawn")
     ports = context.Queue()
-    process = context.Process(target=_serve_directory, args=(str(directory), ports), daemon=True)
+    process = context.Process(
+        target=_serve_directory, args=(str(directory), ports, latency), daemon=True
+    )
     process.start()
     try:
         port = ports.get(timeout=60)

@@ -39,6 +39,7 @@ def test_every_variable_is_read() -> None:
             "IMAGEBATCH_ALLOW_NETS": "127.0.0.0/8, ::1/128 10.1.0.0/16",
             "IMAGEBATCH_CONCURRENCY": "3",
             "IMAGEBATCH_COMPRESS_WORKERS": "1",
+            "IMAGEBATCH_COMPRESS_IN": "threads",
             "IMAGEBATCH_CA_BUNDLE": "/etc/ssl/ca.pem",
             "IMAGEBATCH_USER_AGENT": "catalog-bot/2",
         }
@@ -61,6 +62,7 @@ def test_every_variable_is_read() -> None:
         ),
         concurrency=3,
         compress_workers=1,
+        compress_in="threads",
         ca_bundle="/etc/ssl/ca.pem",
         user_agent="catalog-bot/2",
     )
@@ -75,8 +77,17 @@ def test_every_variable_is_read() -> None:
         ("IMAGEBATCH_IMAGE_TIMEOUT", "nan", "greater than zero"),
         ("IMAGEBATCH_RETRIES", "-2", "must not be negative"),
         ("IMAGEBATCH_ALLOW_NETS", "127.0.0.0/8,localhost", "'localhost' is not a CIDR"),
+        ("IMAGEBATCH_COMPRESS_IN", "gpu", '"processes" or "threads"'),
     ],
-    ids=["not-a-number", "zero-bytes", "negative-timeout", "nan", "negative-retries", "bad-cidr"],
+    ids=[
+        "not-a-number",
+        "zero-bytes",
+        "negative-timeout",
+        "nan",
+        "negative-retries",
+        "bad-cidr",
+        "bad-compress-mode",
+    ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, words: str) -> None:
     with pytest.raises(ValueError, match="IMAGEBATCH_") as caught:

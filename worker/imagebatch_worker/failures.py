@@ -54,7 +54,21 @@ class ImageFailure(Exception):
         self.transient = transient
         self.retry_after = retry_after  # seconds the server asked us to wait (429/503)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Exceptions pickle as ``cls(*args)``; keyword-only fields need saying, so a
+        # failure raised in another process arrives whole.
+        return (
+            _rebuild_failure,
+            (self.stage, self.reason, self.message, self.transient, self.retry_after),
+        )
+
     @property
     def error(self) -> str:
         """The text stored in the result's ``error`` field: ``<reason>: <message>``."""
         return f"{self.reason.value}: {self.message}"
+
+
+def _rebuild_failure(
+    stage: Stage, reason: Reason, message: str, transient: bool, retry_after: float | None
+) -> ImageFailure:
+    return ImageFailure(stage, reason, message, transient=transient, retry_after=retry_after)

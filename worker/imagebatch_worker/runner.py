@@ -11,7 +11,7 @@ The exit code is the contract with the Indexed Job (``contract.EXIT_*``):
 
 Images flow through a pool of threads, each taking one image from download through
 compression to upload, so network waits of some images overlap the compression of
-others. Compression itself is bounded by a semaphore to the CPUs the pod may use:
+others. Compression itself is bounded to the CPUs the pod may use (``compressors``):
 more would only make images wait on each other and hold more decoded pixels in memory.
 Pillow releases the GIL while decoding, resizing and (into a file descriptor) encoding,
 which is what lets threads use every core; ``tests/bench/bench_worker.py`` measures it.
@@ -27,12 +27,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from imagebatch_worker.compress import (
-    CompressedImage,
-    CompressParams,
-    compress,
-    target_format_problem,
-)
+from imagebatch_worker.compress import CompressedImage, CompressParams, target_format_problem
+from imagebatch_worker.compressors import Compressor, make_compressor
 from imagebatch_worker.contract import (
     EXIT_OK,
     EXIT_PERMANENT,
@@ -152,7 +148,6 @@ class ShardRunner:
         self.storage = storage
         self.log = log or JsonLog()
         self.resolver = resolver
-        self._compress_slots = threading.BoundedSemaphore(settings.compress_workers)
 
     def run(self, location: ShardLocation) -> int:
         """Process the shard at ``location``; return the process exit code."""
@@ -230,10 +225,11 @@ class ShardRunner:
         for image in manifest.images:
             unique.setdefault(image.key, image)
         stop = threading.Event()
+        compressor = make_compressor(self.settings.compress_in, self.settings.compress_workers)
         with Fetcher(self.settings, resolver=self.resolver, stop=stop) as fetcher:
             pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="image")
             futures: dict[str, Future[ImageResult]] = {
-                key: pool.submit(self._process_image, image, manifest, params, fetcher)
+                key: pool.submit(self._process_image, image, manifest, params, fetcher, compressor)
                 for key, image in unique.items()
             }
             try:
@@ -243,16 +239,23 @@ class ShardRunner:
                 stop.set()  # in-flight downloads give up at their next chunk
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+            finally:
+                compressor.close()
             pool.shutdown(wait=True)
         return tuple(
             replace(futures[image.key].result(), url=image.url) for image in manifest.images
         )
 
     def _process_image(
-        self, image: ShardImage, manifest: ShardManifest, params: CompressParams, fetcher: Fetcher
+        self,
+        image: ShardImage,
+        manifest: ShardManifest,
+        params: CompressParams,
+        fetcher: Fetcher,
+        compressor: Compressor,
     ) -> ImageResult:
         started = time.monotonic()
-        outcome = self._produce(image, manifest, params, fetcher)
+        outcome = self._produce(image, manifest, params, fetcher, compressor)
         result = outcome.result
         self.log.emit(
             "image",
@@ -275,7 +278,12 @@ class ShardRunner:
         return result
 
     def _produce(
-        self, image: ShardImage, manifest: ShardManifest, params: CompressParams, fetcher: Fetcher
+        self,
+        image: ShardImage,
+        manifest: ShardManifest,
+        params: CompressParams,
+        fetcher: Fetcher,
+        compressor: Compressor,
     ) -> _Outcome:
         problem = target_format_problem(params.format)
         if problem is not None:
@@ -287,8 +295,7 @@ class ShardRunner:
         try:
             fetched = fetcher.fetch(image.url)
             input_bytes = len(fetched.data)
-            with self._compress_slots:
-                compressed = compress(fetched.data, params)
+            compressed = compressor.compress(fetched.data, params)
         except ImageFailure as failure:
             return self._failed(image, failure, input_bytes)
         except Exception as error:  # a defect must cost one image, not the whole shard

@@ -76,6 +76,12 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _compress_mode(raw: str) -> str:
+    if raw not in ("processes", "threads"):
+        raise ValueError('must be "processes" or "threads"')
+    return raw
+
+
 def _non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
@@ -123,6 +129,10 @@ class WorkerSettings:
     # Images compressed at once; defaults to the CPUs the pod may use
     # (IMAGEBATCH_COMPRESS_WORKERS).
     compress_workers: int = field(default_factory=available_cpus)
+    # Where compression runs (IMAGEBATCH_COMPRESS_IN): "threads", measured fastest
+    # (tests/bench/bench_worker.py), or "processes", which costs more CPU per image but
+    # turns a decoder crash or out-of-memory kill into one failed image.
+    compress_in: str = "threads"
     # CA bundle (file or directory) for https downloads; empty means the system
     # default bundle (IMAGEBATCH_CA_BUNDLE).
     ca_bundle: str = ""
@@ -164,6 +174,9 @@ class WorkerSettings:
             ),
             compress_workers=_read(
                 source, "IMAGEBATCH_COMPRESS_WORKERS", _positive_int, defaults.compress_workers
+            ),
+            compress_in=_read(
+                source, "IMAGEBATCH_COMPRESS_IN", _compress_mode, defaults.compress_in
             ),
             ca_bundle=source.get("IMAGEBATCH_CA_BUNDLE", "").strip(),
             user_agent=source.get("IMAGEBATCH_USER_AGENT", "").strip() or defaults.user_agent,
