@@ -8,6 +8,7 @@ address is the one connected to, every redirect checked again, bytes and time ca
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Iterator, Mapping
 
 import requests
@@ -31,12 +32,22 @@ def csv_url_opener(settings: Settings) -> UrlOpener:
     )
 
     def open_url(url: str) -> Iterator[bytes]:
-        with Fetcher(fetch_settings) as fetcher:
-            try:
-                data = fetcher.fetch(url).data
-            except ImageFailure as failure:
-                raise SourceUnavailable(failure.error) from failure
-        return (data[i : i + CHUNK] for i in range(0, len(data), CHUNK))
+        # Spooled: a small CSV stays in memory, a big one goes to disk as it arrives.
+        spool = tempfile.SpooledTemporaryFile(max_size=1024 * 1024)  # noqa: SIM115
+        try:
+            with Fetcher(fetch_settings) as fetcher:
+                fetcher.fetch_to(url, spool)
+        except ImageFailure as failure:
+            spool.close()
+            raise SourceUnavailable(failure.error) from failure
+        spool.seek(0)
+
+        def chunks() -> Iterator[bytes]:
+            with spool:
+                while chunk := spool.read(CHUNK):
+                    yield chunk
+
+        return chunks()
 
     return open_url
 

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urljoin
 
 import requests
@@ -257,11 +257,23 @@ class Fetcher:
 
     def fetch(self, url: str) -> FetchedImage:
         """Download ``url``; raise ``ImageFailure`` (stage fetch) when it cannot be had."""
+        return self._fetch(url, None)
+
+    def fetch_to(self, url: str, sink: IO[bytes]) -> FetchedImage:
+        """Like ``fetch``, but the body streams into ``sink`` instead of memory.
+
+        For bodies too big to hold (a CSV of a hundred thousand rows). ``sink`` is
+        rewound and truncated before each attempt, so a retried download leaves only
+        its own bytes; the returned ``data`` is empty.
+        """
+        return self._fetch(url, sink)
+
+    def _fetch(self, url: str, sink: IO[bytes] | None) -> FetchedImage:
         deadline = time.monotonic() + self.settings.image_timeout
         current = url
         attempts = 0
         for redirects in range(self.settings.max_redirects + 1):
-            outcome, tries = self._fetch_hop(current, deadline)
+            outcome, tries = self._fetch_hop(current, deadline, sink)
             attempts += tries
             if isinstance(outcome, bytes):
                 return FetchedImage(outcome, current, redirects, attempts)
@@ -274,14 +286,16 @@ class Fetcher:
 
     # -- one hop, with retries ------------------------------------------------
 
-    def _fetch_hop(self, url: str, deadline: float) -> tuple[bytes | _Redirect, int]:
+    def _fetch_hop(
+        self, url: str, deadline: float, sink: IO[bytes] | None
+    ) -> tuple[bytes | _Redirect, int]:
         attempt = 0
         while True:
             attempt += 1
             if self.stop.is_set():
                 raise ImageFailure(Stage.FETCH, Reason.CANCELLED, "the shard was stopped")
             try:
-                return self._attempt(url, deadline), attempt
+                return self._attempt(url, deadline, sink), attempt
             except ImageFailure as failure:
                 if not failure.transient:
                     raise
@@ -332,7 +346,7 @@ class Fetcher:
             evicted.close()  # a request still using it finishes; its connection is dropped
         return adapter
 
-    def _attempt(self, url: str, deadline: float) -> bytes | _Redirect:
+    def _attempt(self, url: str, deadline: float, sink: IO[bytes] | None) -> bytes | _Redirect:
         target = resolve_target(url, self.policy, self.resolver)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -383,12 +397,17 @@ class Fetcher:
                 Stage.FETCH, Reason.URL_INVALID, f"request failed: {type(error).__name__}"
             ) from error
         try:
-            return self._handle_response(response, target, deadline, timeout[1])
+            return self._handle_response(response, target, deadline, timeout[1], sink)
         finally:
             response.close()
 
     def _handle_response(
-        self, response: requests.Response, target: Target, deadline: float, read_timeout: float
+        self,
+        response: requests.Response,
+        target: Target,
+        deadline: float,
+        read_timeout: float,
+        sink: IO[bytes] | None,
     ) -> bytes | _Redirect:
         status = response.status_code
         if status in REDIRECT_STATUSES:
@@ -409,10 +428,15 @@ class Fetcher:
                     retry_after_seconds(response.headers.get("Retry-After")) if transient else None
                 ),
             )
-        return self._read_body(response, target, deadline, read_timeout)
+        return self._read_body(response, target, deadline, read_timeout, sink)
 
     def _read_body(
-        self, response: requests.Response, target: Target, deadline: float, read_timeout: float
+        self,
+        response: requests.Response,
+        target: Target,
+        deadline: float,
+        read_timeout: float,
+        sink: IO[bytes] | None,
     ) -> bytes:
         cap = self.settings.max_image_bytes
         declared = response.headers.get("Content-Length", "").strip()
@@ -423,6 +447,10 @@ class Fetcher:
                 f"server declares {int(declared)} bytes, over the {cap}-byte limit",
             )
         body = bytearray()
+        size = 0
+        if sink is not None:
+            sink.seek(0)
+            sink.truncate()
         raw = response.raw
         while True:
             if time.monotonic() > deadline:
@@ -455,8 +483,12 @@ class Fetcher:
                 ) from error
             if not chunk:
                 return bytes(body)
-            body += chunk
-            if len(body) > cap:
+            size += len(chunk)
+            if sink is None:
+                body += chunk
+            else:
+                sink.write(chunk)
+            if size > cap:
                 raise ImageFailure(
                     Stage.FETCH, Reason.TOO_LARGE, f"body is larger than the {cap}-byte limit"
                 )
