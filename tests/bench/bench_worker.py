@@ -377,10 +377,11 @@ def report_set(images: ImageSet, results: dict[str, Measurement]) -> list[str]:
     ]
     for measurement in results.values():
         best = measurement.best
+        cpu = f"{best.cpu_seconds / count * 1000:.1f}" if best.cpu_seconds else "(above)"
         lines.append(
             f"| {measurement.label} | {count / best.seconds:,.1f} "
             f"| {images.megapixels / best.seconds:,.1f} | {ceiling / best.seconds:.0%} "
-            f"| {best.cpu_seconds / count * 1000:.1f} "
+            f"| {cpu} "
             f"| {best.output_bytes / count / 1024:.0f} | {measurement.note} |"
         )
     return lines

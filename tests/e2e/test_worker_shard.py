@@ -311,6 +311,38 @@ def test_malformed_manifest_is_permanent(storage: Storage, bucket: str, body: by
     assert logs[-1]["reason"] == "manifest-malformed"
 
 
+@pytest.mark.parametrize(
+    ("compression", "words"),
+    [
+        ({"quality": 0, "format": "jpeg", "max_dimension": None}, "quality 0"),
+        ({"quality": 50, "format": "heic", "max_dimension": None}, "format 'heic'"),
+        ({"quality": 50, "format": "jpeg", "max_dimension": -5}, "maxDimension -5"),
+        ({"quality": "high", "format": "jpeg", "max_dimension": None}, "quality 'high'"),
+    ],
+    ids=["quality-zero", "unknown-format", "negative-dimension", "quality-not-a-number"],
+)
+def test_impossible_compression_is_permanent(
+    storage: Storage, bucket: str, compression: dict[str, Any], words: str
+) -> None:
+    location = ShardLocation(bucket, PREFIX, "run-1", 0)
+    manifest = {
+        "version": 1,
+        "run": "run-1",
+        "index": 0,
+        "bucket": bucket,
+        "prefix": PREFIX,
+        "compression": compression,
+        "images": [],
+    }
+    storage.put(bucket, location.manifest_key, json.dumps(manifest).encode(), "application/json")
+
+    code, logs = run_shard(storage, location)
+
+    assert code == EXIT_PERMANENT
+    assert logs[-1]["reason"] == "manifest-malformed"
+    assert words in logs[-1]["error"]
+
+
 def test_manifest_of_another_shard_is_permanent(storage: Storage, bucket: str) -> None:
     location = write_manifest(storage, bucket, [], index=3)
     storage.put(

@@ -27,7 +27,12 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from imagebatch_worker.compress import CompressedImage, CompressParams, target_format_problem
+from imagebatch_worker.compress import (
+    TARGET_FORMATS,
+    CompressedImage,
+    CompressParams,
+    target_format_problem,
+)
 from imagebatch_worker.compressors import Compressor, make_compressor
 from imagebatch_worker.contract import (
     EXIT_OK,
@@ -209,11 +214,18 @@ class ShardRunner:
                 f"manifest is for run {manifest.run!r} shard {manifest.index}, "
                 f"expected run {location.run!r} shard {location.index}",
             )
-        quality = manifest.compression.quality
-        if not 1 <= quality <= 100:
-            raise ShardFailure(
-                EXIT_PERMANENT, "manifest-malformed", f"quality {quality} is not in 1-100"
-            )
+        compression = manifest.compression
+        problems = []
+        if not isinstance(compression.quality, int) or not 1 <= compression.quality <= 100:
+            problems.append(f"quality {compression.quality!r} is not in 1-100")
+        if compression.format not in TARGET_FORMATS:
+            problems.append(f"format {compression.format!r} is not one of {TARGET_FORMATS}")
+        if compression.max_dimension is not None and (
+            not isinstance(compression.max_dimension, int) or compression.max_dimension < 1
+        ):
+            problems.append(f"maxDimension {compression.max_dimension!r} is not a positive int")
+        if problems:
+            raise ShardFailure(EXIT_PERMANENT, "manifest-malformed", "; ".join(problems))
         return manifest
 
     # -- images ---------------------------------------------------------------
