@@ -23,6 +23,8 @@ from imagebatch_worker.contract import Stage
 from imagebatch_worker.failures import ImageFailure, Reason
 from tests.bench.images import photo_jpeg
 
+pytestmark = pytest.mark.timeout(60)  # real sockets and processes: never hang
+
 IMAGE = photo_jpeg(320, 240, seed=31)
 
 

@@ -39,6 +39,8 @@ from imagebatch_worker.storage import (
 from tests.bench.images import photo_jpeg
 from tests.bench.local_http import LocalHTTPServer
 
+pytestmark = pytest.mark.timeout(60)  # real sockets and processes: never hang
+
 PREFIX = "ns/batch/"
 
 

@@ -31,6 +31,8 @@ from imagebatch_worker.urlguard import (
 from tests.bench.images import photo_jpeg
 from tests.bench.local_http import LocalHTTPServer
 
+pytestmark = pytest.mark.timeout(60)  # real sockets and processes: never hang
+
 PUBLIC_V4 = "93.184.216.34"
 PUBLIC_V6 = "2606:4700:4700::1111"
 
