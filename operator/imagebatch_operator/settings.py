@@ -11,17 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from imagebatch_operator.csvinput import CsvLimits
+from imagebatch_worker.settings import positive_float, positive_int, read_env
 from imagebatch_worker.storage import StorageSettings
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as error:
-        raise ValueError(f"setting {name}={raw!r} is not a whole number") from error
 
 
 @dataclass(frozen=True)
@@ -69,10 +60,12 @@ class Settings:
         e = os.environ if env is None else env
         defaults = cls(storage=StorageSettings("unset:9000", "", ""))
         limits = CsvLimits(
-            max_bytes=_int(e, "IMAGEBATCH_MAX_CSV_BYTES", defaults.csv_limits.max_bytes),
-            max_rows=_int(e, "IMAGEBATCH_MAX_ROWS", defaults.csv_limits.max_rows),
-            max_urls_per_row=_int(
-                e, "IMAGEBATCH_MAX_URLS_PER_ROW", defaults.csv_limits.max_urls_per_row
+            max_bytes=read_env(
+                e, "IMAGEBATCH_MAX_CSV_BYTES", positive_int, defaults.csv_limits.max_bytes
+            ),
+            max_rows=read_env(e, "IMAGEBATCH_MAX_ROWS", positive_int, defaults.csv_limits.max_rows),
+            max_urls_per_row=read_env(
+                e, "IMAGEBATCH_MAX_URLS_PER_ROW", positive_int, defaults.csv_limits.max_urls_per_row
             ),
         )
         command = e.get("IMAGEBATCH_WORKER_COMMAND", "")
@@ -80,7 +73,9 @@ class Settings:
             storage=StorageSettings.from_env(dict(e)),
             bucket=e.get("IMAGEBATCH_BUCKET", defaults.bucket),
             public_url=e.get("IMAGEBATCH_PUBLIC_URL", "").rstrip("/"),
-            presign_seconds=_int(e, "IMAGEBATCH_PRESIGN_SECONDS", defaults.presign_seconds),
+            presign_seconds=read_env(
+                e, "IMAGEBATCH_PRESIGN_SECONDS", positive_int, defaults.presign_seconds
+            ),
             worker_image=e.get("IMAGEBATCH_WORKER_IMAGE", defaults.worker_image),
             worker_command=tuple(command.split()) if command else defaults.worker_command,
             worker_cpu_request=e.get("IMAGEBATCH_WORKER_CPU_REQUEST", defaults.worker_cpu_request),
@@ -93,14 +88,25 @@ class Settings:
             ),
             allow_nets=e.get("IMAGEBATCH_ALLOW_NETS", ""),
             csv_limits=limits,
-            max_image_bytes=_int(e, "IMAGEBATCH_MAX_IMAGE_BYTES", defaults.max_image_bytes),
-            max_image_pixels=_int(e, "IMAGEBATCH_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
-            webhook_attempts=_int(e, "IMAGEBATCH_WEBHOOK_ATTEMPTS", defaults.webhook_attempts),
-            webhook_backoff_seconds=float(
-                e.get("IMAGEBATCH_WEBHOOK_BACKOFF_SECONDS", defaults.webhook_backoff_seconds)
+            max_image_bytes=read_env(
+                e, "IMAGEBATCH_MAX_IMAGE_BYTES", positive_int, defaults.max_image_bytes
             ),
-            poll_seconds=float(e.get("IMAGEBATCH_POLL_SECONDS", defaults.poll_seconds)),
-            min_write_seconds=float(
-                e.get("IMAGEBATCH_MIN_WRITE_SECONDS", defaults.min_write_seconds)
+            max_image_pixels=read_env(
+                e, "IMAGEBATCH_MAX_IMAGE_PIXELS", positive_int, defaults.max_image_pixels
+            ),
+            webhook_attempts=read_env(
+                e, "IMAGEBATCH_WEBHOOK_ATTEMPTS", positive_int, defaults.webhook_attempts
+            ),
+            webhook_backoff_seconds=read_env(
+                e,
+                "IMAGEBATCH_WEBHOOK_BACKOFF_SECONDS",
+                positive_float,
+                defaults.webhook_backoff_seconds,
+            ),
+            poll_seconds=read_env(
+                e, "IMAGEBATCH_POLL_SECONDS", positive_float, defaults.poll_seconds
+            ),
+            min_write_seconds=read_env(
+                e, "IMAGEBATCH_MIN_WRITE_SECONDS", positive_float, defaults.min_write_seconds
             ),
         )

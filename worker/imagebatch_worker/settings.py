@@ -52,7 +52,7 @@ def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return count
 
 
-def _read(env: Mapping[str, str], name: str, parse: Callable[[str], _T], default: _T) -> _T:
+def read_env(env: Mapping[str, str], name: str, parse: Callable[[str], _T], default: _T) -> _T:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -62,14 +62,14 @@ def _read(env: Mapping[str, str], name: str, parse: Callable[[str], _T], default
         raise ValueError(f"{name}={raw!r} is not valid: {error}") from error
 
 
-def _positive_int(raw: str) -> int:
+def positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError("must be greater than zero")
     return value
 
 
-def _positive_float(raw: str) -> float:
+def positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0 or math.isinf(value):  # `not >` also refuses NaN
         raise ValueError("must be a finite number greater than zero")
@@ -82,7 +82,7 @@ def _compress_mode(raw: str) -> str:
     return raw
 
 
-def _non_negative_int(raw: str) -> int:
+def non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
         raise ValueError("must not be negative")
@@ -145,37 +145,37 @@ class WorkerSettings:
         source = os.environ if env is None else env
         defaults = cls()
         return cls(
-            max_image_bytes=_read(
-                source, "IMAGEBATCH_MAX_IMAGE_BYTES", _positive_int, defaults.max_image_bytes
+            max_image_bytes=read_env(
+                source, "IMAGEBATCH_MAX_IMAGE_BYTES", positive_int, defaults.max_image_bytes
             ),
-            max_pixels=_read(source, "IMAGEBATCH_MAX_PIXELS", _positive_int, defaults.max_pixels),
-            connect_timeout=_read(
-                source, "IMAGEBATCH_CONNECT_TIMEOUT", _positive_float, defaults.connect_timeout
+            max_pixels=read_env(source, "IMAGEBATCH_MAX_PIXELS", positive_int, defaults.max_pixels),
+            connect_timeout=read_env(
+                source, "IMAGEBATCH_CONNECT_TIMEOUT", positive_float, defaults.connect_timeout
             ),
-            read_timeout=_read(
-                source, "IMAGEBATCH_READ_TIMEOUT", _positive_float, defaults.read_timeout
+            read_timeout=read_env(
+                source, "IMAGEBATCH_READ_TIMEOUT", positive_float, defaults.read_timeout
             ),
-            image_timeout=_read(
-                source, "IMAGEBATCH_IMAGE_TIMEOUT", _positive_float, defaults.image_timeout
+            image_timeout=read_env(
+                source, "IMAGEBATCH_IMAGE_TIMEOUT", positive_float, defaults.image_timeout
             ),
-            max_redirects=_read(
-                source, "IMAGEBATCH_MAX_REDIRECTS", _non_negative_int, defaults.max_redirects
+            max_redirects=read_env(
+                source, "IMAGEBATCH_MAX_REDIRECTS", non_negative_int, defaults.max_redirects
             ),
-            retries=_read(source, "IMAGEBATCH_RETRIES", _non_negative_int, defaults.retries),
-            retry_backoff=_read(
-                source, "IMAGEBATCH_RETRY_BACKOFF", _positive_float, defaults.retry_backoff
+            retries=read_env(source, "IMAGEBATCH_RETRIES", non_negative_int, defaults.retries),
+            retry_backoff=read_env(
+                source, "IMAGEBATCH_RETRY_BACKOFF", positive_float, defaults.retry_backoff
             ),
-            max_retry_after=_read(
-                source, "IMAGEBATCH_MAX_RETRY_AFTER", _positive_float, defaults.max_retry_after
+            max_retry_after=read_env(
+                source, "IMAGEBATCH_MAX_RETRY_AFTER", positive_float, defaults.max_retry_after
             ),
             allow_nets=parse_networks(source.get("IMAGEBATCH_ALLOW_NETS", "")),
-            concurrency=_read(
-                source, "IMAGEBATCH_CONCURRENCY", _positive_int, defaults.concurrency
+            concurrency=read_env(
+                source, "IMAGEBATCH_CONCURRENCY", positive_int, defaults.concurrency
             ),
-            compress_workers=_read(
-                source, "IMAGEBATCH_COMPRESS_WORKERS", _positive_int, defaults.compress_workers
+            compress_workers=read_env(
+                source, "IMAGEBATCH_COMPRESS_WORKERS", positive_int, defaults.compress_workers
             ),
-            compress_in=_read(
+            compress_in=read_env(
                 source, "IMAGEBATCH_COMPRESS_IN", _compress_mode, defaults.compress_in
             ),
             ca_bundle=source.get("IMAGEBATCH_CA_BUNDLE", "").strip(),
