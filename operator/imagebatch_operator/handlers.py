@@ -77,6 +77,12 @@ def drive(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_
             failures += 1
             delay = min(2.0**failures, 60.0)
             logger.warning("will retry in %.0fs: %s", delay, error)
+        except Exception as error:  # a defect: say so on the object, back off, keep driving
+            failures += 1
+            delay = min(2.0**failures, 60.0)
+            logger.exception("unexpected error; will retry in %.0fs", delay)
+            if failures == 1:
+                events.warning("ReconcileError", f"{type(error).__name__}: {error}"[:500])
         generation = body.get("metadata", {}).get("generation")
         # Wake early when the spec changes (kopf updates ``body`` in place).
         waited = 0.0
