@@ -19,7 +19,6 @@ import csv
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 from urllib.parse import urlsplit
 
 SERIAL = "S. No."
@@ -236,9 +235,3 @@ def _check_row(
     if len(problems) != before:
         return None
     return Row(line=line, serial=serial, product=product, urls=tuple(urls), raw_urls=raw_urls)
-
-
-def chunked(stream: BinaryIO, size: int = 64 * 1024) -> Iterator[bytes]:
-    """Read a binary stream in chunks."""
-    while chunk := stream.read(size):
-        yield chunk

@@ -127,17 +127,6 @@ class Kube:
                     raise self._unavailable(error, f"job {job.metadata.name}") from error
         return deleted
 
-    def read_batch(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name
-            )
-            return obj
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise self._unavailable(error, f"imagebatch {namespace}/{name}") from error
-
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Merge-patch the status subresource (lists, e.g. conditions, are written whole)."""
         try:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from imagebatch_operator.kube import Kube
-from imagebatch_worker.storage import ObjectNotFound, Storage, StorageUnavailable
+from imagebatch_worker.storage import Storage
 
 CHUNK = 64 * 1024
 
@@ -79,13 +79,3 @@ def open_source(
     if "url" in source:
         return open_url(str(source["url"]))
     raise SourceUnavailable("spec.source names no known kind (url, configMapKeyRef, s3, inline)")
-
-
-__all__ = [
-    "ObjectNotFound",
-    "SourceUnavailable",
-    "StorageUnavailable",
-    "UrlOpener",
-    "describe",
-    "open_source",
-]

@@ -126,11 +126,6 @@ def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None
     return None
 
 
-def is_true(status: Mapping[str, Any], type_: str) -> bool:
-    c = condition(status, type_)
-    return c is not None and c.get("status") == "True"
-
-
 def derive_phase(conditions: Sequence[Mapping[str, Any]], stage: Stage) -> str:
     """The display phase: from the conditions first, the stage only for in-progress."""
     by_type = {c["type"]: c for c in conditions}
