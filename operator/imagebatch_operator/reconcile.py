@@ -24,7 +24,16 @@ from imagebatch_operator import csvinput, plan, results, webhook
 from imagebatch_operator.kube import Kube
 from imagebatch_operator.settings import Settings
 from imagebatch_operator.sources import SourceUnavailable, UrlOpener, describe, open_source
-from imagebatch_operator.status import Counts, Observation, Reason, Stage, compute_status, differs
+from imagebatch_operator.status import (
+    Counts,
+    Observation,
+    Reason,
+    Stage,
+    compute_status,
+    differs,
+    set_condition,
+    webhook_condition_status,
+)
 from imagebatch_worker.contract import (
     ImageResult,
     ShardManifest,
@@ -629,9 +638,12 @@ class Reconciler:
                 rows=status.get("rows") or {},
                 images=status.get("images") or {},
                 shards=status.get("shards") or {},
-                output_csv_url=url_of(output_csv_key(prefix))
-                if status.get("phase") == "Succeeded" or status.get("output", {}).get("csv")
-                else "",
+                # An invalid CSV has an error report but no output.csv.
+                output_csv_url=(
+                    url_of(output_csv_key(prefix))
+                    if (status.get("output") or {}).get("csv")
+                    else ""
+                ),
                 errors_csv_url=url_of(errors_csv_key(prefix)),
                 completion_time=str(status.get("completionTime") or utcnow()),
             )
@@ -697,16 +709,10 @@ class Reconciler:
         message: str,
     ) -> dict[str, Any]:
         """Patch only the webhook record and its condition; the rest of the status stands."""
-        from imagebatch_operator.status import set_condition
-
         conds = set_condition(
             status.get("conditions") or [],
             "WebhookDelivered",
-            {
-                Reason.WEBHOOK_DELIVERED: "True",
-                Reason.WEBHOOK_FAILED: "False",
-                Reason.WEBHOOK_GONE: "False",
-            }.get(state, "Unknown"),
+            webhook_condition_status(state),
             state,
             message,
             batch.ref.generation,

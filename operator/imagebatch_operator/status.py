@@ -126,6 +126,15 @@ def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None
     return None
 
 
+def webhook_condition_status(state: Reason) -> str:
+    """WebhookDelivered: True once delivered, False once given up, Unknown while trying."""
+    if state is Reason.WEBHOOK_DELIVERED:
+        return "True"
+    if state in (Reason.WEBHOOK_FAILED, Reason.WEBHOOK_GONE):
+        return "False"
+    return "Unknown"
+
+
 def derive_phase(conditions: Sequence[Mapping[str, Any]], stage: Stage) -> str:
     """The display phase: from the conditions first, the stage only for in-progress."""
     by_type = {c["type"]: c for c in conditions}
@@ -221,12 +230,7 @@ def compute_status(previous: Mapping[str, Any], o: Observation, now: str) -> dic
             message = str(kept.get("message", ""))
         else:
             message = o.webhook_message
-        value = {
-            Reason.WEBHOOK_DELIVERED: "True",
-            Reason.WEBHOOK_FAILED: "False",
-            Reason.WEBHOOK_GONE: "False",
-        }.get(state, "Unknown")
-        put("WebhookDelivered", value, state, message)
+        put("WebhookDelivered", webhook_condition_status(state), state, message)
     else:
         conds = [c for c in conds if c.get("type") != "WebhookDelivered"]
 

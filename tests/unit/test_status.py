@@ -14,6 +14,7 @@ from imagebatch_operator.status import (
     compute_status,
     differs,
     set_condition,
+    webhook_condition_status,
 )
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
@@ -134,3 +135,17 @@ def test_fields_set_to_none_count_as_absent() -> None:
     computed = {"webhook": {"run": "r2", "attempts": 0, "deliveredTime": None}}
     assert not differs(stored, computed)
     assert differs({"webhook": {"run": "r1", "deliveredTime": "t"}}, computed)
+
+
+@pytest.mark.parametrize(
+    ("state", "value"),
+    [
+        (Reason.WEBHOOK_DELIVERED, "True"),
+        (Reason.WEBHOOK_FAILED, "False"),
+        (Reason.WEBHOOK_GONE, "False"),
+        (Reason.WEBHOOK_RETRYING, "Unknown"),
+        (Reason.WEBHOOK_PENDING, "Unknown"),
+    ],
+)
+def test_webhook_condition_follows_the_delivery_state(state: Reason, value: str) -> None:
+    assert webhook_condition_status(state) == value
