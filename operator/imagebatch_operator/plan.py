@@ -8,7 +8,7 @@ run always give the same names, keys and manifests, so every create is idempoten
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,11 +97,17 @@ def shard_manifests(
     prefix: str,
     compression: Compression,
     per_shard: int,
+    stored: Collection[str] = (),
 ) -> list[ShardManifest]:
-    """Split the distinct images into shards of at most ``per_shard``, in order."""
+    """Split the distinct images into shards of at most ``per_shard``, in order.
+
+    ``stored`` holds the output keys already in storage (for format ``original``, the
+    key without the extension the worker adds); every image is marked as stored or
+    not, so a first attempt need not check each one.
+    """
     if per_shard < 1:
         raise ValueError("imagesPerShard must be at least 1")
-    items = [ShardImage(url, key) for url, key in images.items()]
+    items = [ShardImage(url, key, key in stored) for url, key in images.items()]
     return [
         ShardManifest(
             run=run,

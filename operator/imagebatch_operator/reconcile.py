@@ -267,6 +267,7 @@ class Reconciler:
                 prefix=prefix,
                 compression=compression,
                 per_shard=per_shard,
+                stored=self.stored_keys(bucket, prefix),
             )
             self.storage.put_file(bucket, rows_key(prefix, run), spool_name, "application/x-ndjson")
         finally:
@@ -318,6 +319,14 @@ class Reconciler:
         )
         self.write(batch, running, cache)
         return self.settings.poll_seconds
+
+    def stored_keys(self, bucket: str, prefix: str) -> set[str]:
+        """Output keys already in storage (one LIST per thousand), extensions also cut off.
+
+        Keys of format ``original`` are planned without the extension the worker adds.
+        """
+        keys = set(self.storage.list_keys(bucket, f"{prefix}images/"))
+        return keys | {key.rsplit(".", 1)[0] for key in keys}
 
     def reject(
         self,

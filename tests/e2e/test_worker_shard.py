@@ -114,9 +114,10 @@ def write_manifest(
     compression: Compression | None = None,
     run: str = "run-1",
     index: int = 0,
+    stored: bool | None = None,
 ) -> ShardLocation:
     compression = compression or Compression()
-    images = tuple(ShardImage(url, image_key(PREFIX, url, compression)) for url in urls)
+    images = tuple(ShardImage(url, image_key(PREFIX, url, compression), stored) for url in urls)
     manifest = ShardManifest(run, index, bucket, PREFIX, compression, images)
     storage.put(
         bucket, shard_manifest_key(PREFIX, run, index), manifest.to_json(), "application/json"
@@ -240,6 +241,39 @@ def test_retried_shard_skips_stored_images_and_overwrites_its_result(
         image.key for image in first.images[:2]
     )
     assert list(storage.list_keys(bucket, f"{PREFIX}.runs/run-1/results/")) == [location.result_key]
+
+
+def test_first_attempt_trusts_the_plan_and_a_retry_checks_storage(
+    storage: Storage, bucket: str, server: LocalHTTPServer
+) -> None:
+    urls = [server.image_url("photo.jpg")]
+    # The output is already stored, but the plan says it is not: a first attempt trusts
+    # the plan and does not look (so it produces the image again, the same bytes).
+    done = write_manifest(storage, bucket, urls, run="earlier")
+    assert run_shard(storage, done)[0] == EXIT_OK
+    location = write_manifest(storage, bucket, urls, run="planned", stored=False)
+    assert run_shard(storage, location)[0] == EXIT_OK
+    first = read_result(storage, location)
+    assert [image.skipped for image in first.images] == [False]
+    assert server.count("/img/photo.jpg") == 2
+    # The same shard again is a retry (its attempt marker is there): it checks storage.
+    assert run_shard(storage, location)[0] == EXIT_OK
+    assert [image.skipped for image in read_result(storage, location).images] == [True]
+    assert server.count("/img/photo.jpg") == 2
+    assert list(storage.list_keys(bucket, f"{PREFIX}.runs/planned/attempts/")) == [
+        f"{PREFIX}.runs/planned/attempts/0"
+    ]
+
+
+def test_an_image_the_plan_says_is_stored_is_checked_and_skipped(
+    storage: Storage, bucket: str, server: LocalHTTPServer
+) -> None:
+    urls = [server.image_url("photo.jpg")]
+    assert run_shard(storage, write_manifest(storage, bucket, urls, run="earlier"))[0] == EXIT_OK
+    location = write_manifest(storage, bucket, urls, run="again", stored=True)
+    assert run_shard(storage, location)[0] == EXIT_OK
+    assert [image.skipped for image in read_result(storage, location).images] == [True]
+    assert server.count("/img/photo.jpg") == 1
 
 
 def test_original_format_keys_carry_the_sniffed_extension(

@@ -45,6 +45,26 @@ def test_shards_split_in_order(images: int, per_shard: int, sizes: list[int]) ->
         assert ShardManifest.from_json(m.to_json()) == m
 
 
+def test_manifests_say_which_outputs_were_already_stored() -> None:
+    keys = plan.unique_images(["https://x.test/a", "https://x.test/b"], "p/", Compression())
+    stored = {keys["https://x.test/a"]}
+    manifests = plan.shard_manifests(
+        keys,
+        run="r",
+        bucket="b",
+        prefix="p/",
+        compression=Compression(),
+        per_shard=5,
+        stored=stored,
+    )
+    assert [(i.url, i.stored) for i in manifests[0].images] == [
+        ("https://x.test/a", True),
+        ("https://x.test/b", False),
+    ]
+    again = ShardManifest.from_json(manifests[0].to_json())
+    assert [i.stored for i in again.images] == [True, False]
+
+
 def test_names_are_deterministic_and_fit_hostname_limits() -> None:
     long = plan.BatchRef("n", "x" * 200, REF.uid, 12)
     assert plan.job_name(long) == plan.job_name(long)

@@ -44,6 +44,7 @@ from imagebatch_worker.contract import (
     ShardManifest,
     ShardResult,
     Stage,
+    shard_attempt_key,
     shard_manifest_key,
     shard_result_key,
 )
@@ -236,12 +237,15 @@ class ShardRunner:
         unique: dict[str, ShardImage] = {}
         for image in manifest.images:
             unique.setdefault(image.key, image)
+        trust_absent = self._first_attempt(manifest)
         stop = threading.Event()
         compressor = make_compressor(self.settings.compress_in, self.settings.compress_workers)
         with Fetcher(self.settings, resolver=self.resolver, stop=stop) as fetcher:
             pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="image")
             futures: dict[str, Future[ImageResult]] = {
-                key: pool.submit(self._process_image, image, manifest, params, fetcher, compressor)
+                key: pool.submit(
+                    self._process_image, image, manifest, params, fetcher, compressor, trust_absent
+                )
                 for key, image in unique.items()
             }
             try:
@@ -265,9 +269,10 @@ class ShardRunner:
         params: CompressParams,
         fetcher: Fetcher,
         compressor: Compressor,
+        trust_absent: bool,
     ) -> ImageResult:
         started = time.monotonic()
-        outcome = self._produce(image, manifest, params, fetcher, compressor)
+        outcome = self._produce(image, manifest, params, fetcher, compressor, trust_absent)
         result = outcome.result
         self.log.emit(
             "image",
@@ -296,13 +301,15 @@ class ShardRunner:
         params: CompressParams,
         fetcher: Fetcher,
         compressor: Compressor,
+        trust_absent: bool,
     ) -> _Outcome:
         problem = target_format_problem(params.format)
         if problem is not None:
             return self._failed(image, problem)
-        existing = self._existing_output(manifest.bucket, image.key, params.format)
-        if existing is not None:
-            return _Outcome(self._skipped(image, existing))
+        if not (trust_absent and image.stored is False):
+            existing = self._existing_output(manifest.bucket, image.key, params.format)
+            if existing is not None:
+                return _Outcome(self._skipped(image, existing))
         input_bytes = 0
         try:
             fetched = fetcher.fetch(image.url)
@@ -338,6 +345,14 @@ class ShardRunner:
                 kept_original=compressed.kept_original,
             )
         )
+
+    def _first_attempt(self, manifest: ShardManifest) -> bool:
+        """Whether this is the shard's first attempt; leaves the marker that says so."""
+        marker = shard_attempt_key(manifest.prefix, manifest.run, manifest.index)
+        if self.storage.stat(manifest.bucket, marker) is not None:
+            return False
+        self.storage.put(manifest.bucket, marker, b"", "application/octet-stream")
+        return True
 
     def _existing_output(self, bucket: str, key: str, target: str) -> ObjectInfo | None:
         """The stored output of a previous attempt or run, if there is one."""
