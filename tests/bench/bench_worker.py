@@ -314,7 +314,7 @@ def per_image_costs(images: ImageSet, stack: Stack, samples: int) -> dict[str, f
     outputs = [compress(blob, CompressParams(quality=QUALITY)).data for blob in blobs]
     prefix = f"cost/{uuid.uuid4().hex[:8]}/"
     operations: dict[str, Callable[[int], object]] = {
-        "stat (does the output exist?)": lambda i: storage.stat(stack.bucket, f"{prefix}{i}"),
+        "stat (only a retried shard checks)": lambda i: storage.stat(stack.bucket, f"{prefix}{i}"),
         "download over HTTP": lambda i: fetcher.fetch(
             f"{stack.base_url}/img/{images.files[i % len(blobs)].name}"
         ),
@@ -607,11 +607,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker_cpu = results[image_set.name]["worker"].best.cpu_seconds - start_up
         worker_ms = worker_cpu / count * 1000
         ceiling_ms = results[image_set.name]["ceiling"].best.cpu_seconds / count * 1000
-        io_ms = sum(value for name, value in costs[image_set.name].items() if name != "compress()")
+        # A first attempt trusts the plan and does not stat (see ShardImage.stored).
+        io_ms = sum(
+            value
+            for name, value in costs[image_set.name].items()
+            if name in ("download over HTTP", "upload to MinIO")
+        )
         lines.append(
             f"- {image_set.name}: worker {worker_ms:.1f} ms, ceiling {ceiling_ms:.1f} ms; the "
-            f"stat, download and upload measured alone account for {io_ms:.1f} of the "
-            f"{worker_ms - ceiling_ms:.1f} ms difference."
+            f"download and upload measured alone account for {io_ms:.1f} of the "
+            f"{worker_ms - ceiling_ms:.1f} ms difference (a first attempt makes no stat)."
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
