@@ -26,7 +26,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 from minio import Minio
@@ -34,7 +33,13 @@ from minio import Minio
 from imagebatch_worker.contract import Compression, ShardImage, ShardManifest, image_key
 from imagebatch_worker.contract import shard_manifest_key as manifest_key
 from tests.cluster.stack import LocalCluster
-from tests.e2e.conftest import OUTPUT_BUCKET, PUBLIC_READ, OperatorProcess
+from tests.e2e.conftest import (
+    OUTPUT_BUCKET,
+    PUBLIC_READ,
+    OperatorProcess,
+    imagebatch,
+    wait_batch,
+)
 from tests.support.servers import ImageServer, photo
 
 HEADER = "S. No.,Product Name,Input Image Urls\n"
@@ -48,35 +53,6 @@ def memory_kib(pid: int, field: str) -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
-
-
-def batch_manifest(name: str, source: dict[str, Any], **spec: Any) -> str:
-    return yaml.safe_dump(
-        {
-            "apiVersion": "imagebatch.dev/v1alpha1",
-            "kind": "ImageBatch",
-            "metadata": {"name": name},
-            "spec": {"source": source, **spec},
-        }
-    )
-
-
-def wait_phase(
-    cluster: LocalCluster, namespace: str, name: str, phases: set[str], timeout: float
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = cluster.kubectl("get", "ib", name, "-n", namespace, "-o", "json", check=False)
-        if out:
-            obj: dict[str, Any] = json.loads(out)
-            status = obj.get("status") or {}
-            if (
-                status.get("phase") in phases
-                and status.get("observedGeneration") == obj["metadata"]["generation"]
-            ):
-                return obj
-        time.sleep(0.2)
-    raise TimeoutError(f"{namespace}/{name} did not reach {phases} in {timeout}s")
 
 
 def new_namespace(cluster: LocalCluster, name: str) -> str:
@@ -138,13 +114,15 @@ def orchestration(
         namespace,
         "-f",
         "-",
-        input=batch_manifest(
-            "orchestrated",
-            {"s3": {"bucket": OUTPUT_BUCKET, "key": "bench/orchestration.csv"}},
-            sharding={"imagesPerShard": max(n // 4, 1), "parallelism": 2},
+        input=yaml.safe_dump(
+            imagebatch(
+                "orchestrated",
+                {"s3": {"bucket": OUTPUT_BUCKET, "key": "bench/orchestration.csv"}},
+                sharding={"imagesPerShard": max(n // 4, 1), "parallelism": 2},
+            )
         ),
     )
-    obj = wait_phase(cluster, namespace, "orchestrated", {"Succeeded", "Failed"}, 600)
+    obj = wait_batch(cluster, namespace, "orchestrated", ("Succeeded", "Failed"), 600, interval=0.2)
     end_to_end = time.monotonic() - started
     job = json.loads(cluster.kubectl("get", "job", "-n", namespace, "-o", "json"))["items"][0]
     created = job["metadata"]["creationTimestamp"]
@@ -182,13 +160,15 @@ def scale(
         namespace,
         "-f",
         "-",
-        input=batch_manifest(
-            "big",
-            {"s3": {"bucket": OUTPUT_BUCKET, "key": "bench/scale.csv"}},
-            suspend=True,
+        input=yaml.safe_dump(
+            imagebatch(
+                "big",
+                {"s3": {"bucket": OUTPUT_BUCKET, "key": "bench/scale.csv"}},
+                suspend=True,
+            )
         ),
     )
-    obj = wait_phase(cluster, namespace, "big", {"Running", "Failed"}, 900)
+    obj = wait_batch(cluster, namespace, "big", ("Running", "Failed"), 900, interval=0.2)
     seconds = time.monotonic() - started
     peak = memory_kib(operator.process.pid, "VmHWM")
     return {
@@ -212,11 +192,11 @@ def many(
     docs = []
     for b in range(count):
         text = HEADER + f"1,A,{images.url}/m/{b % 8}.jpg\n2,B,{images.url}/m/{(b + 1) % 8}.jpg\n"
-        docs.append(batch_manifest(f"b{b}", {"inline": text}))
+        docs.append(yaml.safe_dump(imagebatch(f"b{b}", {"inline": text})))
     started = time.monotonic()
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input="---\n".join(docs))
     for b in range(count):
-        wait_phase(cluster, namespace, f"b{b}", {"Succeeded", "Failed"}, 900)
+        wait_batch(cluster, namespace, f"b{b}", ("Succeeded", "Failed"), 900, interval=0.2)
     seconds = time.monotonic() - started
     log = operator.log()
     writes = [log.count(f"status {namespace}/b{b} written") for b in range(count)]

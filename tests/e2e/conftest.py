@@ -165,8 +165,23 @@ def get_batch(cluster: LocalCluster, namespace: str, name: str) -> dict[str, Any
     return out
 
 
+def imagebatch(name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    """An ImageBatch manifest: ``source`` plus any other spec fields."""
+    return {
+        "apiVersion": "imagebatch.dev/v1alpha1",
+        "kind": "ImageBatch",
+        "metadata": {"name": name},
+        "spec": {"source": source, **spec},
+    }
+
+
 def wait_batch(
-    cluster: LocalCluster, namespace: str, name: str, phases: tuple[str, ...], timeout: float = 180
+    cluster: LocalCluster,
+    namespace: str,
+    name: str,
+    phases: tuple[str, ...],
+    timeout: float = 180,
+    interval: float = 0.5,
 ) -> dict[str, Any]:
     """Poll until the batch reaches one of ``phases`` for its current generation."""
     deadline = time.monotonic() + timeout
@@ -179,5 +194,7 @@ def wait_batch(
             and status.get("observedGeneration") == batch["metadata"]["generation"]
         ):
             return batch
-        time.sleep(0.5)
-    raise AssertionError(f"{name} never reached {phases}: {json.dumps(batch.get('status'))}")
+        time.sleep(interval)
+    raise AssertionError(
+        f"{namespace}/{name} never reached {phases}: {json.dumps(batch.get('status'))}"
+    )

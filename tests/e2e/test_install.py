@@ -29,6 +29,7 @@ import yaml
 
 from tests import demo
 from tests.cluster.stack import LocalCluster, free_port
+from tests.e2e.conftest import imagebatch, wait_batch
 from tests.support.servers import ImageServer, photo
 from tests.unit.test_lua_health import TESTDATA, argocd_health
 
@@ -127,36 +128,6 @@ def healthy(port: int) -> bool:
         return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
     except requests.ConnectionError:
         return False
-
-
-def batch(name: str, source: dict[str, Any], **spec: Any) -> str:
-    return yaml.safe_dump(
-        {
-            "apiVersion": "imagebatch.dev/v1alpha1",
-            "kind": "ImageBatch",
-            "metadata": {"name": name},
-            "spec": {"source": source, **spec},
-        }
-    )
-
-
-def wait_phase(
-    cluster: LocalCluster, namespace: str, name: str, phase: str, timeout: float = 120
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    obj: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        obj = kubectl_json(cluster, "get", "ib", name, "-n", namespace)
-        status = obj.get("status") or {}
-        if (
-            status.get("phase") == phase
-            and status.get("observedGeneration") == obj["metadata"]["generation"]
-        ):
-            return obj
-        time.sleep(0.5)
-    raise AssertionError(
-        f"{namespace}/{name} never became {phase}: {json.dumps(obj.get('status'))}"
-    )
 
 
 def save_testdata(name: str, obj: dict[str, Any]) -> None:
@@ -319,7 +290,7 @@ def shop(release: Release, images: ImageServer) -> dict[str, dict[str, Any]]:
         "shop",
         "-f",
         "-",
-        input=batch("broken", {"inline": HEADER + "x,,ftp://a/b\n"}),
+        input=yaml.safe_dump(imagebatch("broken", {"inline": HEADER + "x,,ftp://a/b\n"})),
     )
     cluster.kubectl(
         "apply",
@@ -327,12 +298,14 @@ def shop(release: Release, images: ImageServer) -> dict[str, dict[str, Any]]:
         "shop",
         "-f",
         "-",
-        input=batch("paused", {"inline": HEADER + f"1,A,{s}/a.jpg\n"}, suspend=True),
+        input=yaml.safe_dump(
+            imagebatch("paused", {"inline": HEADER + f"1,A,{s}/a.jpg\n"}, suspend=True)
+        ),
     )
     return {
-        "succeeded": wait_phase(cluster, "shop", "spring-catalog", "Succeeded"),
-        "failed-invalid-csv": wait_phase(cluster, "shop", "broken", "Failed"),
-        "running-suspended": wait_phase(cluster, "shop", "paused", "Running"),
+        "succeeded": wait_batch(cluster, "shop", "spring-catalog", ("Succeeded",), 120),
+        "failed-invalid-csv": wait_batch(cluster, "shop", "broken", ("Failed",), 120),
+        "running-suspended": wait_batch(cluster, "shop", "paused", ("Running",), 120),
     }
 
 
@@ -495,7 +468,7 @@ def test_upgrade_with_changed_values_rolls_the_operator(
         "team-a",
         "-f",
         "-",
-        input=batch("watched", {"inline": HEADER + f"1,A,{s}/c.jpg\n"}),
+        input=yaml.safe_dump(imagebatch("watched", {"inline": HEADER + f"1,A,{s}/c.jpg\n"})),
     )
     cluster.kubectl(
         "apply",
@@ -503,9 +476,9 @@ def test_upgrade_with_changed_values_rolls_the_operator(
         "shop",
         "-f",
         "-",
-        input=batch("ignored", {"inline": HEADER + f"1,A,{s}/c.jpg\n"}),
+        input=yaml.safe_dump(imagebatch("ignored", {"inline": HEADER + f"1,A,{s}/c.jpg\n"})),
     )
-    watched = wait_phase(cluster, "team-a", "watched", "Succeeded")
+    watched = wait_batch(cluster, "team-a", "watched", ("Succeeded",), 120)
     assert watched["status"]["images"]["succeeded"] == 1
     time.sleep(2)
     assert "status" not in kubectl_json(cluster, "get", "ib", "ignored", "-n", "shop")
