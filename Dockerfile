@@ -20,6 +20,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 # Only what the install reads (the .dockerignore keeps everything else out).
 COPY pyproject.toml README.md ./
+COPY common/ common/
 COPY operator/ operator/
 COPY worker/ worker/
 # A virtualenv without pip of its own: the base image's pip installs into it, so no

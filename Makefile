@@ -10,7 +10,7 @@ help:
 	@echo "make demo      run the demo end to end on a local cluster"
 	@echo "make test      lint-free unit + end-to-end tests (builds the local cluster if missing)"
 	@echo "make unit      unit tests only (no servers)"
-	@echo "make lint      ruff + mypy --strict"
+	@echo "make lint      ruff, mypy --strict and the import-linter layering contracts"
 	@echo "make cluster   start the local cluster and MinIO; Ctrl-C stops it"
 	@echo "make bench     benchmarks; the report goes to reports/bench.md"
 
@@ -29,6 +29,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 unit: install
 	$(PY) -m tests.cluster.build helm

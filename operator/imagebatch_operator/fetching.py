@@ -1,4 +1,4 @@
-"""The operator's outbound HTTP goes through the worker's address guard.
+"""The operator's outbound HTTP goes through the shared address guard.
 
 A CSV ``source.url`` and a webhook URL are user input just like image URLs: the same
 rules apply (http/https only, non-global addresses refused unless allowed, the checked
@@ -7,28 +7,28 @@ address is the one connected to, every redirect checked again, bytes and time ca
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from collections.abc import Iterator, Mapping
 
 import requests
 
+from imagebatch_common.envread import parse_networks
+from imagebatch_common.failures import ImageFailure
+from imagebatch_common.fetch import Fetcher, FetchSettings, PinnedAdapter
+from imagebatch_common.urlguard import AddressPolicy, resolve_target
 from imagebatch_operator.settings import Settings
 from imagebatch_operator.sources import CHUNK, SourceUnavailable, UrlOpener
 from imagebatch_operator.webhook import Refused
-from imagebatch_worker.failures import ImageFailure
-from imagebatch_worker.fetch import Fetcher, PinnedAdapter
-from imagebatch_worker.settings import WorkerSettings, parse_networks
-from imagebatch_worker.urlguard import AddressPolicy, resolve_target
 
 
 def csv_url_opener(settings: Settings) -> UrlOpener:
     """Download a CSV under the guard, capped at the CSV byte limit."""
-    fetch_settings = dataclasses.replace(
-        WorkerSettings(),
+    fetch_settings = FetchSettings(
         allow_nets=parse_networks(settings.allow_nets),
-        max_image_bytes=settings.csv_limits.max_bytes,
-        image_timeout=120.0,
+        max_bytes=settings.csv_limits.max_bytes,
+        total_timeout=120.0,
+        pool_size=1,
+        user_agent="imagebatch-operator",
     )
 
     def open_url(url: str) -> Iterator[bytes]:

@@ -14,12 +14,12 @@ from typing import Any
 
 import kopf
 
+from imagebatch_common.storage import Storage, StorageError
 from imagebatch_operator import plan
 from imagebatch_operator.fetching import GuardedPoster, csv_url_opener
 from imagebatch_operator.kube import ApiUnavailable, Kube
 from imagebatch_operator.reconcile import Reconciler, RunCache
 from imagebatch_operator.settings import Settings
-from imagebatch_worker.storage import Storage, StorageError
 
 _state: dict[str, Any] = {}
 

@@ -12,14 +12,14 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from imagebatch_operator.settings import Settings
-from imagebatch_worker.contract import (
+from imagebatch_common.contract import (
     EXIT_PERMANENT,
     Compression,
     ShardImage,
     ShardManifest,
     image_key,
 )
+from imagebatch_operator.settings import Settings
 
 GROUP = "imagebatch.dev"
 VERSION = "v1alpha1"

@@ -20,6 +20,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from imagebatch_common.contract import (
+    ImageResult,
+    ShardManifest,
+    ShardResult,
+    errors_csv_key,
+    output_csv_key,
+    run_prefix,
+    shard_manifest_key,
+    shard_result_key,
+)
+from imagebatch_common.contract import (
+    Stage as ImageStage,
+)
+from imagebatch_common.storage import ObjectNotFound, Storage
 from imagebatch_operator import csvinput, plan, results, webhook
 from imagebatch_operator.kube import Kube
 from imagebatch_operator.settings import Settings
@@ -34,20 +48,6 @@ from imagebatch_operator.status import (
     set_condition,
     webhook_condition_status,
 )
-from imagebatch_worker.contract import (
-    ImageResult,
-    ShardManifest,
-    ShardResult,
-    errors_csv_key,
-    output_csv_key,
-    run_prefix,
-    shard_manifest_key,
-    shard_result_key,
-)
-from imagebatch_worker.contract import (
-    Stage as ImageStage,
-)
-from imagebatch_worker.storage import ObjectNotFound, Storage
 
 log = logging.getLogger("imagebatch.reconcile")
 

@@ -13,8 +13,8 @@ import io
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from imagebatch_common.contract import ImageResult
 from imagebatch_operator.csvinput import COLUMNS, OUTPUT, Row
-from imagebatch_worker.contract import ImageResult
 
 ERROR_COLUMNS = ("row", "url", "stage", "reason")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")

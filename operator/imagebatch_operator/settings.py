@@ -10,9 +10,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from imagebatch_common.envread import positive_float, positive_int, read_env
+from imagebatch_common.storage import StorageSettings
 from imagebatch_operator.csvinput import CsvLimits
-from imagebatch_worker.settings import positive_float, positive_int, read_env
-from imagebatch_worker.storage import StorageSettings
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from imagebatch_common.storage import Storage
 from imagebatch_operator.kube import Kube
-from imagebatch_worker.storage import Storage
 
 CHUNK = 64 * 1024
 

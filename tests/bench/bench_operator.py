@@ -30,8 +30,8 @@ from pathlib import Path
 import yaml
 from minio import Minio
 
-from imagebatch_worker.contract import Compression, ShardImage, ShardManifest, image_key
-from imagebatch_worker.contract import shard_manifest_key as manifest_key
+from imagebatch_common.contract import Compression, ShardImage, ShardManifest, image_key
+from imagebatch_common.contract import shard_manifest_key as manifest_key
 from tests.cluster.stack import LocalCluster
 from tests.e2e.conftest import (
     OUTPUT_BUCKET,

@@ -50,18 +50,19 @@ import requests
 from minio import Minio
 from PIL import Image, features
 
-from imagebatch_worker.compress import CompressParams, compress, encoder_options
-from imagebatch_worker.compressors import ThreadCompressor
-from imagebatch_worker.contract import (
+from imagebatch_common.contract import (
     Compression,
     ShardImage,
     ShardManifest,
     image_key,
     shard_manifest_key,
 )
-from imagebatch_worker.fetch import Fetcher
-from imagebatch_worker.settings import WorkerSettings, parse_networks
-from imagebatch_worker.storage import Storage, StorageSettings
+from imagebatch_common.envread import parse_networks
+from imagebatch_common.fetch import Fetcher
+from imagebatch_common.storage import Storage, StorageSettings
+from imagebatch_worker.compress import CompressParams, compress, encoder_options
+from imagebatch_worker.compressors import ThreadCompressor
+from imagebatch_worker.settings import WorkerSettings
 from tests.bench.images import photo_jpeg
 from tests.bench.local_http import directory_server_process
 from tests.cluster.stack import LocalCluster, MinioServer
@@ -308,7 +309,7 @@ def per_image_costs(images: ImageSet, stack: Stack, samples: int) -> dict[str, f
     storage = Storage(
         StorageSettings(stack.minio.endpoint, stack.minio.access_key, stack.minio.secret_key)
     )
-    fetcher = Fetcher(WorkerSettings(allow_nets=parse_networks("127.0.0.1/32")))
+    fetcher = Fetcher(WorkerSettings(allow_nets=parse_networks("127.0.0.1/32")).fetch_settings())
     compressor = ThreadCompressor(CORES)  # as the worker compresses: dedicated threads
     blobs = [path.read_bytes() for path in images.files[:20]]
     outputs = [compress(blob, CompressParams(quality=QUALITY)).data for blob in blobs]

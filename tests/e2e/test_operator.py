@@ -19,7 +19,7 @@ from minio import Minio
 from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
-from imagebatch_worker.contract import Compression, image_key
+from imagebatch_common.contract import Compression, image_key
 from tests.cluster.stack import LocalCluster
 from tests.e2e.conftest import (
     OUTPUT_BUCKET,

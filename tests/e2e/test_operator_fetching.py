@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from imagebatch_common.storage import StorageSettings
 from imagebatch_operator.csvinput import CsvLimits
 from imagebatch_operator.fetching import csv_url_opener
 from imagebatch_operator.settings import Settings
 from imagebatch_operator.sources import SourceUnavailable
-from imagebatch_worker.storage import StorageSettings
 from tests.support.servers import ImageServer
 
 pytestmark = pytest.mark.e2e

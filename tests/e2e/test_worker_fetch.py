@@ -22,9 +22,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from imagebatch_worker.failures import ImageFailure, Reason
-from imagebatch_worker.fetch import Fetcher, retry_after_seconds
-from imagebatch_worker.settings import WorkerSettings, parse_networks
+from imagebatch_common.envread import parse_networks
+from imagebatch_common.failures import ImageFailure, Reason
+from imagebatch_common.fetch import Fetcher, FetchSettings
+from imagebatch_common.retry import retry_after_seconds
+from imagebatch_worker.settings import WorkerSettings
 from tests.bench.images import photo_jpeg
 from tests.bench.local_http import LocalHTTPServer
 
@@ -33,7 +35,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 IMAGE = photo_jpeg(320, 240, seed=11)
 
 
-def settings(**overrides: Any) -> WorkerSettings:
+def settings(**overrides: Any) -> FetchSettings:
     values: dict[str, Any] = {
         "allow_nets": parse_networks("127.0.0.1/32"),
         "connect_timeout": 1.0,
@@ -46,7 +48,7 @@ def settings(**overrides: Any) -> WorkerSettings:
         "max_image_bytes": 1024 * 1024,
     }
     values.update(overrides)
-    return WorkerSettings(**values)
+    return WorkerSettings(**values).fetch_settings()
 
 
 @pytest.fixture

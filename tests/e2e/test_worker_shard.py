@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from imagebatch_worker.contract import (
+from imagebatch_common.contract import (
     EXIT_OK,
     EXIT_PERMANENT,
     EXIT_RETRY,
@@ -35,10 +35,11 @@ from imagebatch_worker.contract import (
     image_key,
     shard_manifest_key,
 )
+from imagebatch_common.envread import parse_networks
+from imagebatch_common.storage import Storage, StorageSettings
 from imagebatch_worker.logs import JsonLog
 from imagebatch_worker.runner import ShardLocation, ShardRunner
-from imagebatch_worker.settings import WorkerSettings, parse_networks
-from imagebatch_worker.storage import Storage, StorageSettings
+from imagebatch_worker.settings import WorkerSettings
 from tests.bench.images import photo, photo_jpeg
 from tests.bench.local_http import LocalHTTPServer
 from tests.cluster.stack import MinioServer, free_port

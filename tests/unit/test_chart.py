@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
+from imagebatch_common.storage import StorageSettings
 from imagebatch_operator import plan
 from imagebatch_operator.settings import Settings
-from imagebatch_worker.storage import StorageSettings
 from tests.cluster import build
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -246,6 +246,7 @@ def test_dockerignore_keeps_what_copy_needs_and_drops_the_rest() -> None:
         for source in sources:
             assert any(f == source or f.startswith(source) for f in context), source
     assert "pyproject.toml" in context and "README.md" in context
+    assert "common/imagebatch_common/contract.py" in context
     assert "operator/imagebatch_operator/main.py" in context
     assert "worker/imagebatch_worker/main.py" in context
     for kept_out in ("tests/", "charts/", ".venv/", ".git/", "Dockerfile"):

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
+from imagebatch_common.contract import EXIT_PERMANENT, Compression, ShardManifest, image_key
+from imagebatch_common.storage import StorageSettings
 from imagebatch_operator import plan
 from imagebatch_operator.settings import Settings
-from imagebatch_worker.contract import EXIT_PERMANENT, Compression, ShardManifest, image_key
-from imagebatch_worker.storage import StorageSettings
 
 REF = plan.BatchRef("shop", "spring-catalog", "0f1e2d3c-aaaa-bbbb-cccc-123456789abc", 3)
 SETTINGS = Settings(storage=StorageSettings("minio.storage:9000", "AKIA", "s3cr3t"))

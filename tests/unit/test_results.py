@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from imagebatch_common.contract import ImageResult
 from imagebatch_operator.csvinput import Row
 from imagebatch_operator.results import RowTally, error_rows, neutralise, output_rows, to_csv
-from imagebatch_worker.contract import ImageResult
 
 ROWS = [
     Row(

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import pytest
 from PIL import ExifTags, Image, ImageCms
 
+from imagebatch_common.contract import Compression, Stage
+from imagebatch_common.failures import ImageFailure, Reason
 from imagebatch_worker import compress as compress_module
 from imagebatch_worker.compress import CompressedImage, CompressParams, compress
-from imagebatch_worker.contract import Compression, Stage
-from imagebatch_worker.failures import ImageFailure, Reason
 from tests.bench.images import photo, photo_jpeg
 
 RED = (255, 0, 0)

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from imagebatch_common.contract import Stage
+from imagebatch_common.failures import ImageFailure, Reason
 from imagebatch_worker.compress import CompressParams
 from imagebatch_worker.compressors import (
     Compressor,
@@ -19,8 +21,6 @@ from imagebatch_worker.compressors import (
     ThreadCompressor,
     make_compressor,
 )
-from imagebatch_worker.contract import Stage
-from imagebatch_worker.failures import ImageFailure, Reason
 from tests.bench.images import photo_jpeg
 
 pytestmark = pytest.mark.timeout(60)  # real sockets and processes: never hang

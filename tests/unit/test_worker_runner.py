@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from imagebatch_worker import compress as compress_module
-from imagebatch_worker.contract import (
+from imagebatch_common.contract import (
     EXIT_OK,
     EXIT_RETRY,
     Compression,
@@ -26,16 +25,18 @@ from imagebatch_worker.contract import (
     ShardResult,
     image_key,
 )
-from imagebatch_worker.logs import JsonLog
-from imagebatch_worker.runner import ShardLocation, ShardRunner
-from imagebatch_worker.settings import WorkerSettings, parse_networks
-from imagebatch_worker.storage import (
+from imagebatch_common.envread import parse_networks
+from imagebatch_common.storage import (
     ObjectInfo,
     ObjectNotFound,
     Storage,
     StorageSettings,
     StorageUnavailable,
 )
+from imagebatch_worker import compress as compress_module
+from imagebatch_worker.logs import JsonLog
+from imagebatch_worker.runner import ShardLocation, ShardRunner
+from imagebatch_worker.settings import WorkerSettings
 from tests.bench.images import photo_jpeg
 from tests.bench.local_http import LocalHTTPServer
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from imagebatch_worker.logs import JsonLog, redact_url
+from imagebatch_common.envread import parse_networks
+from imagebatch_common.redact import redact_url
+from imagebatch_worker.logs import JsonLog
 from imagebatch_worker.runner import ShardLocation
-from imagebatch_worker.settings import MIB, WorkerSettings, available_cpus, parse_networks
+from imagebatch_worker.settings import MIB, WorkerSettings, available_cpus
 
 
 def test_defaults_are_the_documented_limits() -> None:

@@ -18,16 +18,17 @@ from urllib.parse import quote
 
 import pytest
 
-from imagebatch_worker.contract import Stage
-from imagebatch_worker.failures import ImageFailure, Reason
-from imagebatch_worker.fetch import Fetcher
-from imagebatch_worker.settings import WorkerSettings, parse_networks
-from imagebatch_worker.urlguard import (
+from imagebatch_common.contract import Stage
+from imagebatch_common.envread import parse_networks
+from imagebatch_common.failures import ImageFailure, Reason
+from imagebatch_common.fetch import Fetcher, FetchSettings
+from imagebatch_common.urlguard import (
     AddressPolicy,
     parse_legacy_ipv4,
     resolve_target,
     system_resolver,
 )
+from imagebatch_worker.settings import WorkerSettings
 from tests.bench.images import photo_jpeg
 from tests.bench.local_http import LocalHTTPServer
 
@@ -282,7 +283,7 @@ def server() -> Iterator[LocalHTTPServer]:
         yield running
 
 
-def loopback_only(**overrides: Any) -> WorkerSettings:
+def loopback_only(**overrides: Any) -> FetchSettings:
     values: dict[str, Any] = {
         "allow_nets": parse_networks("127.0.0.1/32"),
         "retries": 0,
@@ -291,7 +292,7 @@ def loopback_only(**overrides: Any) -> WorkerSettings:
         "image_timeout": 10.0,
     }
     values.update(overrides)
-    return WorkerSettings(**values)
+    return WorkerSettings(**values).fetch_settings()
 
 
 def redirect_to(server: LocalHTTPServer, location: str) -> str:

@@ -42,8 +42,8 @@ from PIL import (
     features,
 )
 
-from imagebatch_worker.contract import FORMAT_EXTENSIONS, Compression, Stage
-from imagebatch_worker.failures import ImageFailure, Reason
+from imagebatch_common.contract import FORMAT_EXTENSIONS, Compression, Stage
+from imagebatch_common.failures import ImageFailure, Reason
 
 
 def refuse_decompression_bomb_warnings() -> None:

@@ -25,9 +25,9 @@ from typing import Protocol
 
 from PIL import _imaging as pillow_core  # what PIL.Image.core is; holds the block cache
 
+from imagebatch_common.contract import Stage
+from imagebatch_common.failures import ImageFailure, Reason
 from imagebatch_worker.compress import CompressedImage, CompressParams, compress
-from imagebatch_worker.contract import Stage
-from imagebatch_worker.failures import ImageFailure, Reason
 
 COMPRESS_MODES = ("processes", "threads")
 

@@ -13,21 +13,6 @@ import sys
 import threading
 from datetime import UTC, datetime
 from typing import TextIO
-from urllib.parse import urlsplit, urlunsplit
-
-
-def redact_url(url: str) -> str:
-    """``url`` reduced to scheme, host, port and path: safe to log."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "<unparseable URL>"
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{port}" if port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class JsonLog:

@@ -12,11 +12,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from imagebatch_worker.contract import EXIT_PERMANENT, EXIT_RETRY
+from imagebatch_common.contract import EXIT_PERMANENT, EXIT_RETRY
+from imagebatch_common.storage import Storage, StorageSettings
 from imagebatch_worker.logs import JsonLog
 from imagebatch_worker.runner import ShardLocation, ShardRunner
 from imagebatch_worker.settings import WorkerSettings
-from imagebatch_worker.storage import Storage, StorageSettings
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

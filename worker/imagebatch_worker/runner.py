@@ -27,14 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from imagebatch_worker.compress import (
-    TARGET_FORMATS,
-    CompressedImage,
-    CompressParams,
-    target_format_problem,
-)
-from imagebatch_worker.compressors import Compressor, make_compressor
-from imagebatch_worker.contract import (
+from imagebatch_common.contract import (
     EXIT_OK,
     EXIT_PERMANENT,
     EXIT_RETRY,
@@ -48,17 +41,25 @@ from imagebatch_worker.contract import (
     shard_manifest_key,
     shard_result_key,
 )
-from imagebatch_worker.failures import ImageFailure, Reason
-from imagebatch_worker.fetch import Fetcher
-from imagebatch_worker.logs import JsonLog, redact_url
-from imagebatch_worker.settings import WorkerSettings
-from imagebatch_worker.storage import (
+from imagebatch_common.failures import ImageFailure, Reason
+from imagebatch_common.fetch import Fetcher
+from imagebatch_common.redact import redact_url
+from imagebatch_common.storage import (
     ObjectInfo,
     ObjectNotFound,
     Storage,
     StorageError,
 )
-from imagebatch_worker.urlguard import Resolver, system_resolver
+from imagebatch_common.urlguard import Resolver, system_resolver
+from imagebatch_worker.compress import (
+    TARGET_FORMATS,
+    CompressedImage,
+    CompressParams,
+    target_format_problem,
+)
+from imagebatch_worker.compressors import Compressor, make_compressor
+from imagebatch_worker.logs import JsonLog
+from imagebatch_worker.settings import WorkerSettings
 
 # User metadata stored with every output, so a retry that skips an existing image can
 # still report its sizes and dimensions without downloading anything.
@@ -240,7 +241,7 @@ class ShardRunner:
         trust_absent = self._first_attempt(manifest)
         stop = threading.Event()
         compressor = make_compressor(self.settings.compress_in, self.settings.compress_workers)
-        with Fetcher(self.settings, resolver=self.resolver, stop=stop) as fetcher:
+        with Fetcher(self.settings.fetch_settings(), resolver=self.resolver, stop=stop) as fetcher:
             pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="image")
             futures: dict[str, Future[ImageResult]] = {
                 key: pool.submit(

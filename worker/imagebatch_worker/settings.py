@@ -9,30 +9,23 @@ an image that hits one fails with a message naming the limit. Where MinIO is liv
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from imagebatch_common.envread import (
+    IPNetwork,
+    non_negative_int,
+    parse_networks,
+    positive_float,
+    positive_int,
+    read_env,
+)
+from imagebatch_common.fetch import FetchSettings
 
 MIB = 1024 * 1024
-
-_T = TypeVar("_T")
-
-
-def parse_networks(text: str) -> tuple[IPNetwork, ...]:
-    """Parse a comma- or space-separated list of CIDRs; raise ``ValueError`` naming a bad one."""
-    networks: list[IPNetwork] = []
-    for item in text.replace(",", " ").split():
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except ValueError as error:
-            raise ValueError(f"IMAGEBATCH_ALLOW_NETS: {item!r} is not a CIDR: {error}") from error
-    return tuple(networks)
 
 
 def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -52,41 +45,10 @@ def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return count
 
 
-def read_env(env: Mapping[str, str], name: str, parse: Callable[[str], _T], default: _T) -> _T:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return parse(raw)
-    except ValueError as error:
-        raise ValueError(f"{name}={raw!r} is not valid: {error}") from error
-
-
-def positive_int(raw: str) -> int:
-    value = int(raw)
-    if value <= 0:
-        raise ValueError("must be greater than zero")
-    return value
-
-
-def positive_float(raw: str) -> float:
-    value = float(raw)
-    if not value > 0 or math.isinf(value):  # `not >` also refuses NaN
-        raise ValueError("must be a finite number greater than zero")
-    return value
-
-
 def _compress_mode(raw: str) -> str:
     if raw not in ("processes", "threads"):
         raise ValueError('must be "processes" or "threads"')
     return raw
-
-
-def non_negative_int(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError("must not be negative")
-    return value
 
 
 @dataclass(frozen=True)
@@ -168,7 +130,7 @@ class WorkerSettings:
             max_retry_after=read_env(
                 source, "IMAGEBATCH_MAX_RETRY_AFTER", positive_float, defaults.max_retry_after
             ),
-            allow_nets=parse_networks(source.get("IMAGEBATCH_ALLOW_NETS", "")),
+            allow_nets=read_env(source, "IMAGEBATCH_ALLOW_NETS", parse_networks, ()),
             concurrency=read_env(
                 source, "IMAGEBATCH_CONCURRENCY", positive_int, defaults.concurrency
             ),
@@ -180,4 +142,21 @@ class WorkerSettings:
             ),
             ca_bundle=source.get("IMAGEBATCH_CA_BUNDLE", "").strip(),
             user_agent=source.get("IMAGEBATCH_USER_AGENT", "").strip() or defaults.user_agent,
+        )
+
+    def fetch_settings(self) -> FetchSettings:
+        """The download limits of these settings, for the shared fetcher."""
+        return FetchSettings(
+            max_bytes=self.max_image_bytes,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            total_timeout=self.image_timeout,
+            max_redirects=self.max_redirects,
+            retries=self.retries,
+            retry_backoff=self.retry_backoff,
+            max_retry_after=self.max_retry_after,
+            allow_nets=self.allow_nets,
+            pool_size=self.concurrency,
+            ca_bundle=self.ca_bundle,
+            user_agent=self.user_agent,
         )

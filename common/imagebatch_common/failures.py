@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from imagebatch_worker.contract import Stage
+from imagebatch_common.contract import Stage
 
 
 class Reason(StrEnum):

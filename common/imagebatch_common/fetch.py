@@ -20,17 +20,14 @@ What it guarantees, and why:
 
 from __future__ import annotations
 
-import email.utils
 import http.client
 import os
-import random
 import socket
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import IO, Any
 from urllib.parse import urljoin
 
@@ -41,10 +38,11 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from imagebatch_worker.contract import Stage
-from imagebatch_worker.failures import ImageFailure, Reason
-from imagebatch_worker.settings import WorkerSettings
-from imagebatch_worker.urlguard import (
+from imagebatch_common.contract import Stage
+from imagebatch_common.envread import IPNetwork
+from imagebatch_common.failures import ImageFailure, Reason
+from imagebatch_common.retry import backoff, retry_after_seconds
+from imagebatch_common.urlguard import (
     DEFAULT_PORTS,
     AddressPolicy,
     Resolver,
@@ -146,6 +144,39 @@ class PinnedAdapter(HTTPAdapter):
 
 
 @dataclass(frozen=True)
+class FetchSettings:
+    """The limits of one download. The worker fills them from ``IMAGEBATCH_*`` variables;
+    the operator uses the same client for a CSV URL with its own limits."""
+
+    # Largest body accepted, in bytes. A declared Content-Length above it fails before
+    # the body is read; a body that grows past it is cut off as it streams.
+    max_bytes: int = 50 * 1024 * 1024
+    # Seconds to open a TCP (and TLS) connection.
+    connect_timeout: float = 5.0
+    # Seconds the server may stay silent while we wait for bytes.
+    read_timeout: float = 15.0
+    # Wall-clock seconds for one download, redirects, retries and backoff included: a
+    # server trickling one byte at a time cannot hold a worker longer than this.
+    total_timeout: float = 60.0
+    # Redirects followed; each target is checked like the first URL.
+    max_redirects: int = 5
+    # Extra attempts after a transient failure (reset, timeout, 429, 5xx); never a 4xx.
+    retries: int = 3
+    # First backoff delay in seconds; doubles per attempt, with jitter.
+    retry_backoff: float = 0.5
+    # Longest Retry-After honoured, in seconds.
+    max_retry_after: float = 10.0
+    # Networks reachable although not global (loopback, private, ...). Empty: public only.
+    allow_nets: tuple[IPNetwork, ...] = ()
+    # Connections kept per origin: as many as downloads run at once.
+    pool_size: int = 8
+    # CA bundle (file or directory) for https; empty means the system default.
+    ca_bundle: str = ""
+    # User-Agent sent with every request.
+    user_agent: str = "imagebatch/0.1"
+
+
+@dataclass(frozen=True)
 class FetchedImage:
     """A downloaded body and how it was obtained."""
 
@@ -194,33 +225,17 @@ def _root_cause(error: BaseException) -> str:
     return type(error).__name__
 
 
-def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
-    """Parse a Retry-After header (seconds or an HTTP date); ``None`` if absent or bad."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
 def _printable(text: str, limit: int = 80) -> str:
     """Server-chosen text, made safe for one log line."""
     return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
 
 
 class Fetcher:
-    """Downloads images under ``WorkerSettings`` limits. Thread-safe; share one per shard."""
+    """Downloads under ``FetchSettings`` limits. Thread-safe; share one per shard."""
 
     def __init__(
         self,
-        settings: WorkerSettings,
+        settings: FetchSettings,
         *,
         resolver: Resolver = system_resolver,
         stop: threading.Event | None = None,
@@ -269,7 +284,7 @@ class Fetcher:
         return self._fetch(url, sink)
 
     def _fetch(self, url: str, sink: IO[bytes] | None) -> FetchedImage:
-        deadline = time.monotonic() + self.settings.image_timeout
+        deadline = time.monotonic() + self.settings.total_timeout
         current = url
         attempts = 0
         for redirects in range(self.settings.max_redirects + 1):
@@ -313,7 +328,7 @@ class Fetcher:
                         failure.stage,
                         failure.reason,
                         f"{failure.message} (no time left for another attempt within "
-                        f"{self.settings.image_timeout:g}s)",
+                        f"{self.settings.total_timeout:g}s)",
                     ) from failure
                 if self.stop.wait(delay):
                     raise ImageFailure(
@@ -323,10 +338,7 @@ class Fetcher:
     def _retry_delay(self, failure: ImageFailure, attempt: int) -> float:
         if failure.retry_after is not None:
             return min(failure.retry_after, self.settings.max_retry_after)
-        # Exponential backoff with "equal jitter": half fixed, half random, so retries
-        # from many pods against one struggling server spread out.
-        ceiling = self.settings.retry_backoff * 2.0 ** (attempt - 1)
-        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not a secret
+        return backoff(self.settings.retry_backoff, attempt)
 
     def _adapter_for(self, target: Target) -> PinnedAdapter:
         key = (target.scheme, target.host, target.port, target.address)
@@ -335,7 +347,7 @@ class Fetcher:
             if adapter is not None:
                 self._adapters.move_to_end(key)
                 return adapter
-            adapter = PinnedAdapter(target, pool_size=self.settings.concurrency)
+            adapter = PinnedAdapter(target, pool_size=self.settings.pool_size)
             self._adapters[key] = adapter
             evicted = (
                 self._adapters.popitem(last=False)[1]
@@ -438,7 +450,7 @@ class Fetcher:
         read_timeout: float,
         sink: IO[bytes] | None,
     ) -> bytes:
-        cap = self.settings.max_image_bytes
+        cap = self.settings.max_bytes
         declared = response.headers.get("Content-Length", "").strip()
         if declared.isdigit() and int(declared) > cap:
             raise ImageFailure(
@@ -497,5 +509,5 @@ class Fetcher:
         return ImageFailure(
             Stage.FETCH,
             Reason.TIMEOUT,
-            f"download took longer than {self.settings.image_timeout:g}s",
+            f"download took longer than {self.settings.total_timeout:g}s",
         )

@@ -1,9 +1,10 @@
-"""Which URLs the worker may fetch, and the one address each fetch may connect to.
+"""Which URLs ImageBatch may fetch, and the one address each fetch may connect to.
 
-The image URLs come from a user's CSV, so the fetcher is the worker's attack surface
-(server-side request forgery). Before any connection this module parses the URL,
-resolves its host the way the operating system would (``getaddrinfo``, which also reads
-``http://2130706433/`` and ``http://0177.0.0.1/`` as 127.0.0.1) and refuses the URL if
+Image URLs come from a user's CSV, a CSV URL and a webhook URL from a spec, so every
+fetch is attack surface (server-side request forgery). Before any connection this
+module parses the URL, resolves its host the way the operating system would
+(``getaddrinfo``, which also reads ``http://2130706433/`` and ``http://0177.0.0.1/`` as
+127.0.0.1) and refuses the URL if
 *any* resolved address is loopback, link-local (169.254.169.254, the cloud metadata
 service), private, multicast, reserved, unspecified (0.0.0.0, ::) or otherwise not
 global, unless it lies in a network the settings allow. IPv6 forms that carry an IPv4
@@ -24,9 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from imagebatch_worker.contract import Stage
-from imagebatch_worker.failures import ImageFailure, Reason
-from imagebatch_worker.settings import IPNetwork
+from imagebatch_common.contract import Stage
+from imagebatch_common.envread import IPNetwork
+from imagebatch_common.failures import ImageFailure, Reason
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
