@@ -44,6 +44,29 @@ FORMAT_EXTENSIONS = {
 }
 
 
+class WorkerEnv(StrEnum):
+    """The environment a Job hands each worker pod: one name per variable, both sides.
+
+    The operator's Job builder sets these; the worker's readers read them. Storage
+    credentials come from the run's Secret, the rest as plain values.
+    """
+
+    STORAGE_ENDPOINT = "MINIO_ENDPOINT"  # host:port, no scheme
+    STORAGE_SECURE = "MINIO_SECURE"  # "true" for https
+    STORAGE_REGION = "MINIO_REGION"  # set, so no GetBucketLocation is needed
+    STORAGE_ACCESS_KEY = "MINIO_ACCESS_KEY"
+    STORAGE_SECRET_KEY = "MINIO_SECRET_KEY"  # noqa: S105 - a variable name, not a secret
+    STORAGE_SESSION_TOKEN = "MINIO_SESSION_TOKEN"  # noqa: S105 - set with STS credentials
+    BUCKET = "IMAGEBATCH_BUCKET"
+    PREFIX = "IMAGEBATCH_PREFIX"  # the batch's prefix, "<namespace>/<name>/"
+    RUN = "IMAGEBATCH_RUN"
+    SHARD_INDEX = "JOB_COMPLETION_INDEX"  # set by the Indexed Job itself
+    ALLOW_NETS = "IMAGEBATCH_ALLOW_NETS"  # non-global networks images may come from
+    MAX_IMAGE_BYTES = "IMAGEBATCH_MAX_IMAGE_BYTES"
+    MAX_PIXELS = "IMAGEBATCH_MAX_PIXELS"
+    MEMORY_LIMIT = "IMAGEBATCH_MEMORY_LIMIT"  # bytes the pod may use (its memory limit)
+
+
 class Stage(StrEnum):
     """Where an image failed; the ``stage`` column of errors.csv."""
 

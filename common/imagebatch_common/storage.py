@@ -17,6 +17,8 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
+from imagebatch_common.contract import WorkerEnv as Env
+
 
 class StorageError(Exception):
     """Base of the storage errors."""
@@ -39,23 +41,22 @@ class StorageSettings:
     secret_key: str
     secure: bool = False
     region: str | None = None
+    session_token: str | None = None  # with temporary (STS) credentials
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> StorageSettings:
         source = os.environ if env is None else env
-        missing = [
-            k
-            for k in ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY")
-            if not source.get(k)
-        ]
+        required = (Env.STORAGE_ENDPOINT, Env.STORAGE_ACCESS_KEY, Env.STORAGE_SECRET_KEY)
+        missing = [name.value for name in required if not source.get(name)]
         if missing:
             raise ValueError(f"missing storage settings: {', '.join(missing)}")
         return cls(
-            endpoint=source["MINIO_ENDPOINT"],
-            access_key=source["MINIO_ACCESS_KEY"],
-            secret_key=source["MINIO_SECRET_KEY"],
-            secure=source.get("MINIO_SECURE", "false").lower() in ("1", "true", "yes"),
-            region=source.get("MINIO_REGION") or None,
+            endpoint=source[Env.STORAGE_ENDPOINT],
+            access_key=source[Env.STORAGE_ACCESS_KEY],
+            secret_key=source[Env.STORAGE_SECRET_KEY],
+            secure=source.get(Env.STORAGE_SECURE, "false").lower() in ("1", "true", "yes"),
+            region=source.get(Env.STORAGE_REGION) or None,
+            session_token=source.get(Env.STORAGE_SESSION_TOKEN) or None,
         )
 
     def __repr__(self) -> str:  # never print the secret
@@ -93,6 +94,7 @@ class Storage:
             settings.endpoint,
             access_key=settings.access_key,
             secret_key=settings.secret_key,
+            session_token=settings.session_token,
             secure=settings.secure,
             region=settings.region,
             http_client=http,

@@ -19,6 +19,9 @@ from imagebatch_common.contract import (
     ShardManifest,
     image_key,
 )
+from imagebatch_common.contract import (
+    WorkerEnv as Env,
+)
 from imagebatch_operator.settings import Settings
 
 GROUP = "imagebatch.dev"
@@ -177,22 +180,22 @@ def build_job(
     retries = int(sharding.get("retriesPerShard", 3))
     secret = storage_secret_name(batch)
     env: list[dict[str, Any]] = [
-        {"name": "MINIO_ENDPOINT", "value": settings.storage.endpoint},
-        {"name": "MINIO_SECURE", "value": "true" if settings.storage.secure else "false"},
+        {"name": Env.STORAGE_ENDPOINT.value, "value": settings.storage.endpoint},
+        {"name": Env.STORAGE_SECURE.value, "value": "true" if settings.storage.secure else "false"},
         {
-            "name": "MINIO_ACCESS_KEY",
+            "name": Env.STORAGE_ACCESS_KEY.value,
             "valueFrom": {"secretKeyRef": {"name": secret, "key": "accessKey"}},
         },
         {
-            "name": "MINIO_SECRET_KEY",
+            "name": Env.STORAGE_SECRET_KEY.value,
             "valueFrom": {"secretKeyRef": {"name": secret, "key": "secretKey"}},
         },
-        {"name": "IMAGEBATCH_BUCKET", "value": bucket},
-        {"name": "IMAGEBATCH_PREFIX", "value": prefix},
-        {"name": "IMAGEBATCH_RUN", "value": run},
-        {"name": "IMAGEBATCH_ALLOW_NETS", "value": settings.allow_nets},
-        {"name": "IMAGEBATCH_MAX_IMAGE_BYTES", "value": str(settings.max_image_bytes)},
-        {"name": "IMAGEBATCH_MAX_PIXELS", "value": str(settings.max_image_pixels)},
+        {"name": Env.BUCKET.value, "value": bucket},
+        {"name": Env.PREFIX.value, "value": prefix},
+        {"name": Env.RUN.value, "value": run},
+        {"name": Env.ALLOW_NETS.value, "value": settings.allow_nets},
+        {"name": Env.MAX_IMAGE_BYTES.value, "value": str(settings.max_image_bytes)},
+        {"name": Env.MAX_PIXELS.value, "value": str(settings.max_image_pixels)},
     ]
     pod_labels = labels(batch, run)
     return {

@@ -41,6 +41,9 @@ from imagebatch_common.contract import (
     shard_manifest_key,
     shard_result_key,
 )
+from imagebatch_common.contract import (
+    WorkerEnv as Env,
+)
 from imagebatch_common.failures import ImageFailure, Reason
 from imagebatch_common.fetch import Fetcher
 from imagebatch_common.redact import redact_url
@@ -106,22 +109,22 @@ class ShardLocation:
     ) -> ShardLocation:
         """Read ``IMAGEBATCH_BUCKET/PREFIX/RUN`` and ``JOB_COMPLETION_INDEX`` (unless given)."""
         source = os.environ if env is None else env
-        missing = [name for name in ("IMAGEBATCH_BUCKET", "IMAGEBATCH_RUN") if not source.get(name)]
-        if index is None and not source.get("JOB_COMPLETION_INDEX", "").strip():
-            missing.append("JOB_COMPLETION_INDEX (or --shard)")
+        missing = [name.value for name in (Env.BUCKET, Env.RUN) if not source.get(name)]
+        if index is None and not source.get(Env.SHARD_INDEX, "").strip():
+            missing.append(f"{Env.SHARD_INDEX.value} (or --shard)")
         if missing:
             raise ValueError(f"missing shard settings: {', '.join(missing)}")
         if index is None:
-            raw = source["JOB_COMPLETION_INDEX"].strip()
+            raw = source[Env.SHARD_INDEX].strip()
             if not raw.isdigit():
-                raise ValueError(f"JOB_COMPLETION_INDEX={raw!r} is not a shard index")
+                raise ValueError(f"{Env.SHARD_INDEX.value}={raw!r} is not a shard index")
             index = int(raw)
         if index < 0:
             raise ValueError(f"shard index {index} is negative")
         return cls(
-            bucket=source["IMAGEBATCH_BUCKET"],
-            prefix=source.get("IMAGEBATCH_PREFIX", ""),
-            run=source["IMAGEBATCH_RUN"],
+            bucket=source[Env.BUCKET],
+            prefix=source.get(Env.PREFIX, ""),
+            run=source[Env.RUN],
             index=index,
         )
 

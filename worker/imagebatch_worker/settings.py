@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imagebatch_common.contract import WorkerEnv as Env
 from imagebatch_common.envread import (
     IPNetwork,
     non_negative_int,
@@ -108,9 +109,9 @@ class WorkerSettings:
         defaults = cls()
         return cls(
             max_image_bytes=read_env(
-                source, "IMAGEBATCH_MAX_IMAGE_BYTES", positive_int, defaults.max_image_bytes
+                source, Env.MAX_IMAGE_BYTES, positive_int, defaults.max_image_bytes
             ),
-            max_pixels=read_env(source, "IMAGEBATCH_MAX_PIXELS", positive_int, defaults.max_pixels),
+            max_pixels=read_env(source, Env.MAX_PIXELS, positive_int, defaults.max_pixels),
             connect_timeout=read_env(
                 source, "IMAGEBATCH_CONNECT_TIMEOUT", positive_float, defaults.connect_timeout
             ),
@@ -130,7 +131,7 @@ class WorkerSettings:
             max_retry_after=read_env(
                 source, "IMAGEBATCH_MAX_RETRY_AFTER", positive_float, defaults.max_retry_after
             ),
-            allow_nets=read_env(source, "IMAGEBATCH_ALLOW_NETS", parse_networks, ()),
+            allow_nets=read_env(source, Env.ALLOW_NETS, parse_networks, ()),
             concurrency=read_env(
                 source, "IMAGEBATCH_CONCURRENCY", positive_int, defaults.concurrency
             ),
