@@ -12,6 +12,7 @@ It only ever binds 127.0.0.1.
 
 from __future__ import annotations
 
+import gzip
 import multiprocessing
 import socket
 import ssl
@@ -56,6 +57,11 @@ class LocalHTTPServer:
     ``/huge-declared``            2 GB of zeros with Content-Length
     ``/flaky/<n>/<name>``         503 for the first ``n`` requests, then the file
     ``/ratelimited/<s>/<name>``   429 with ``Retry-After: s`` once, then the file
+    ``/gzip/<name>``              the file gzip-encoded (``Content-Encoding: gzip``),
+                                  whatever the client asked for
+    ``/gzip-zeros/<n>``           ``n`` zero bytes gzip-encoded: a tiny body, a big one
+    ``/then-close/<name>``        the file as a keep-alive answer, then the connection
+                                  closed, as a server's idle timeout does
     """
 
     def __init__(
@@ -282,6 +288,28 @@ def _ratelimited(
         _image(handler, server, segments[1:], query, n)
 
 
+def _gzip(handler: Any, server: LocalHTTPServer, segments: list[str], query: str, n: int) -> None:
+    body = server.files.get("/".join(segments[1:]))
+    if body is None:
+        _not_found(handler, server, segments, query, n)
+    else:
+        handler.send_bytes(gzip.compress(body), extra={"Content-Encoding": "gzip"})
+
+
+def _gzip_zeros(
+    handler: Any, server: LocalHTTPServer, segments: list[str], query: str, n: int
+) -> None:
+    body = gzip.compress(bytes(int(segments[1])))
+    handler.send_bytes(body, extra={"Content-Encoding": "gzip"})
+
+
+def _then_close(
+    handler: Any, server: LocalHTTPServer, segments: list[str], query: str, n: int
+) -> None:
+    _image(handler, server, segments, query, n)
+    handler.close_connection = True
+
+
 ROUTES: dict[str, _Route] = {
     "img": _image,
     "status": _status,
@@ -296,6 +324,9 @@ ROUTES: dict[str, _Route] = {
     "huge-declared": _huge_declared,
     "flaky": _flaky,
     "ratelimited": _ratelimited,
+    "gzip": _gzip,
+    "gzip-zeros": _gzip_zeros,
+    "then-close": _then_close,
 }
 
 

@@ -9,6 +9,7 @@ in a second or two; every case is also bounded by a pytest timeout.
 from __future__ import annotations
 
 import datetime
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from imagebatch_common.envread import parse_networks
 from imagebatch_common.failures import ImageFailure, Reason
-from imagebatch_common.fetch import Fetcher, FetchSettings
+from imagebatch_common.fetch import Fetcher, FetchSettings, request_target
 from imagebatch_common.retry import retry_after_seconds
 from imagebatch_worker.settings import WorkerSettings
 from tests.bench.images import photo_jpeg
@@ -181,6 +182,66 @@ def test_connection_refused_is_retried_then_reported() -> None:
 
     assert caught.value.reason == Reason.CONNECTION
     assert "connection refused" in caught.value.message
+
+
+def test_gzip_body_is_decoded(server: LocalHTTPServer) -> None:
+    with Fetcher(settings()) as fetcher:
+        fetched = fetcher.fetch(server.url("gzip/a.jpg"))
+
+    assert fetched.data == IMAGE
+
+
+def test_gzip_bomb_is_cut_off_at_the_decoded_cap(server: LocalHTTPServer) -> None:
+    # 64 MiB of zeros arrive as a 64 KiB body; the cap counts what decoding produces.
+    with Fetcher(settings()) as fetcher, pytest.raises(ImageFailure) as caught:
+        fetcher.fetch(server.url(f"gzip-zeros/{64 * 1024 * 1024}"))
+
+    assert caught.value.reason == Reason.TOO_LARGE
+
+
+def test_keep_alive_connection_is_reused(
+    server: LocalHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connects: list[object] = []
+    real_connect = socket.socket.connect
+
+    def counting_connect(sock: socket.socket, address: Any) -> None:
+        connects.append(address)
+        real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", counting_connect)
+    with Fetcher(settings()) as fetcher:
+        first = fetcher.fetch(server.image_url("a.jpg"))
+        second = fetcher.fetch(server.image_url("a.jpg"))
+
+    assert first.data == second.data == IMAGE
+    assert len(connects) == 1
+
+
+def test_connection_closed_by_the_server_is_replaced_without_a_retry(
+    server: LocalHTTPServer,
+) -> None:
+    with Fetcher(settings(retries=0)) as fetcher:
+        fetcher.fetch(server.url("then-close/a.jpg"))  # its connection is closed after
+        fetched = fetcher.fetch(server.image_url("a.jpg"))
+
+    assert (fetched.data, fetched.attempts) == (IMAGE, 1)
+    assert server.count("/img/a.jpg") == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        ("http://h/", "/"),
+        ("http://h", "/"),
+        ("http://h/a b/ü.jpg?x=ü y#frag", "/a%20b/%C3%BC.jpg?x=%C3%BC%20y"),
+        ("http://h/already%20encoded?q=%2F", "/already%20encoded?q=%2F"),
+        ("http://h/p;v=1/img.jpg?a=1&b=[2]", "/p;v=1/img.jpg?a=1&b=[2]"),
+    ],
+    ids=["root", "no-path", "non-ascii-and-space", "encoded-kept", "reserved-kept"],
+)
+def test_request_target(url: str, target: str) -> None:
+    assert request_target(url) == target
 
 
 @pytest.mark.parametrize(
