@@ -265,7 +265,14 @@ class _S3Requests:
         if body:
             headers["content-length"] = str(len(body))
         connection, response = httpconn.send(
-            self._pool, self._key, self._connection, method, target, headers, body or None
+            self._pool,
+            self._key,
+            self._connection,
+            method,
+            target,
+            headers,
+            body or None,
+            retry_stale=True,  # an object store closing an idle connection is no failure
         )
         try:
             data = response.read()

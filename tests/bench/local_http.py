@@ -76,6 +76,7 @@ class LocalHTTPServer:
         self.scheme = "https" if tls is not None else "http"
         self.stall_seconds = stall_seconds
         self.requests: list[SeenRequest] = []
+        self.closed_connections = 0  # connections the server has closed so far
         self.stopping = threading.Event()
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -134,6 +135,11 @@ def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # keep test output clean
+
+        def finish(self) -> None:
+            super().finish()
+            with server._lock:
+                server.closed_connections += 1
 
         def do_GET(self) -> None:
             parts = urlsplit(self.path)

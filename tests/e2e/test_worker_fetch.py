@@ -29,7 +29,7 @@ from imagebatch_common.fetch import Fetcher, FetchSettings, request_target
 from imagebatch_common.retry import retry_after_seconds
 from imagebatch_worker.settings import WorkerSettings
 from tests.bench.images import photo_jpeg
-from tests.bench.local_http import LocalHTTPServer
+from tests.bench.local_http import LocalHTTPServer, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -223,6 +223,7 @@ def test_connection_closed_by_the_server_is_replaced_without_a_retry(
 ) -> None:
     with Fetcher(settings(retries=0)) as fetcher:
         fetcher.fetch(server.url("then-close/a.jpg"))  # its connection is closed after
+        assert wait_until(lambda: server.closed_connections == 1)
         fetched = fetcher.fetch(server.image_url("a.jpg"))
 
     assert (fetched.data, fetched.attempts) == (IMAGE, 1)
