@@ -12,13 +12,14 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import pytest
 from PIL import ExifTags, Image, ImageCms
 
 from imagebatch_common.contract import Compression, Stage
 from imagebatch_common.failures import ImageFailure, Reason
-from imagebatch_worker import compress as compress_module
+from imagebatch_worker import formats
 from imagebatch_worker.compress import CompressedImage, CompressParams, compress
 from tests.bench.images import photo, photo_jpeg
 
@@ -474,6 +475,152 @@ def test_params_from_run_compression() -> None:
     assert params == CompressParams(quality=70, format="webp", max_dimension=512, max_pixels=1000)
 
 
+# -- transparency in every form a PNG can carry ------------------------------------
+
+BAND = 16  # each sample value fills a 16x16 block, so JPEG's blocks keep it exact enough
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def keyed_png(
+    bit_depth: int,
+    colour_type: int,
+    pixels: list[tuple[int, ...]],
+    trns: bytes,
+    palette: bytes = b"",
+) -> bytes:
+    """A PNG written chunk by chunk: one 16x16 block per entry of ``pixels``.
+
+    Pillow cannot write most of these forms (1-bit with a key, 16-bit grey with a key,
+    2-bit grey...), so the test builds the file itself: IHDR, PLTE, tRNS, IDAT, IEND.
+    """
+    width = BAND * len(pixels)
+    samples = [value for pixel in pixels for value in pixel for _ in range(1)]
+    channels = len(pixels[0])
+    row_samples: list[int] = []
+    for index in range(len(pixels)):
+        row_samples += list(samples[index * channels : (index + 1) * channels]) * BAND
+    if bit_depth < 8:
+        bits = "".join(format(value, f"0{bit_depth}b") for value in row_samples)
+        bits += "0" * (-len(bits) % 8)
+        row = bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
+    elif bit_depth == 8:
+        row = bytes(row_samples)
+    else:
+        row = b"".join(struct.pack(">H", value) for value in row_samples)
+    raw = (b"\0" + row) * BAND
+    header = struct.pack(">IIBBBBB", width, BAND, bit_depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + (png_chunk(b"PLTE", palette) if palette else b"")
+        + png_chunk(b"tRNS", trns)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+@dataclass(frozen=True)
+class Keyed:
+    png: Callable[[], bytes]
+    on_white: tuple[int, ...]  # the JPEG's grey value (or RGB) in each block, in order
+    alpha: tuple[int, ...]  # the WebP's alpha in each block
+
+
+K16 = struct.pack(">H", 0)
+KEYED = {
+    "1-bit-black-key": Keyed(  # the case drawn black before: the key colour is black
+        lambda: keyed_png(1, 0, [(0,), (1,)], K16), on_white=(255, 255), alpha=(0, 255)
+    ),
+    "1-bit-white-key": Keyed(
+        lambda: keyed_png(1, 0, [(0,), (1,)], struct.pack(">H", 1)),
+        on_white=(0, 255),
+        alpha=(255, 0),
+    ),
+    "2-bit-grey-key-is-widened": Keyed(  # key 1 is the pixel Pillow widens to 85
+        lambda: keyed_png(2, 0, [(0,), (1,), (2,), (3,)], struct.pack(">H", 1)),
+        on_white=(0, 255, 170, 255),
+        alpha=(255, 0, 255, 255),
+    ),
+    "4-bit-grey-key-is-widened": Keyed(
+        lambda: keyed_png(4, 0, [(5,), (6,)], struct.pack(">H", 5)),
+        on_white=(255, 102),
+        alpha=(0, 255),
+    ),
+    "8-bit-grey-black-key": Keyed(
+        lambda: keyed_png(8, 0, [(0,), (100,)], K16), on_white=(255, 100), alpha=(0, 255)
+    ),
+    "16-bit-grey-key-is-exact": Keyed(  # 1/65535 is black to the eye, but not the key
+        lambda: keyed_png(16, 0, [(0,), (1,), (0x8000,)], K16),
+        on_white=(255, 0, 128),
+        alpha=(0, 255, 255),
+    ),
+    "8-bit-rgb-black-key": Keyed(
+        lambda: keyed_png(8, 2, [(0, 0, 0), (200, 0, 0)], K16 * 3),
+        on_white=(255, 200),  # the red channel
+        alpha=(0, 255),
+    ),
+    "16-bit-rgb-key": Keyed(
+        lambda: keyed_png(16, 2, [(0, 0, 0), (0xC800, 0, 0)], K16 * 3),
+        on_white=(255, 200),
+        alpha=(0, 255),
+    ),
+    "palette-alpha-per-entry": Keyed(
+        lambda: keyed_png(
+            8, 3, [(0,), (1,), (2,)], bytes([255, 0, 128]), palette=bytes([0, 0, 0]) * 3
+        ),
+        on_white=(0, 255, 127),
+        alpha=(255, 0, 128),
+    ),
+    "1-bit-palette-key": Keyed(
+        lambda: keyed_png(1, 3, [(0,), (1,)], bytes([0]), palette=bytes([0, 0, 0, 90, 90, 90])),
+        on_white=(255, 90),
+        alpha=(0, 255),
+    ),
+}
+
+
+def block_values(image: Image.Image, blocks: int) -> list[tuple[int, ...]]:
+    """The value in the middle of each 16x16 block, as a tuple of the image's bands."""
+    values = []
+    for index in range(blocks):
+        pixel = image.getpixel((index * BAND + BAND // 2, BAND // 2))
+        values.append(pixel if isinstance(pixel, tuple) else (int(cast(int, pixel)),))
+    return values
+
+
+@pytest.mark.parametrize("case", KEYED.values(), ids=KEYED.keys())
+def test_png_transparency_is_composited_on_white_for_jpeg(case: Keyed) -> None:
+    image = decode(compress(case.png(), JPEG50).data)
+
+    for got, want in zip(block_values(image, len(case.on_white)), case.on_white, strict=True):
+        assert close_to(got[:1], (want,)), (got, want)
+
+
+@pytest.mark.parametrize("case", KEYED.values(), ids=KEYED.keys())
+def test_png_transparency_becomes_alpha_for_webp(case: Keyed) -> None:
+    image = decode(compress(case.png(), CompressParams(quality=90, format="webp")).data)
+
+    assert image.mode == "RGBA"
+    got = [pixel[3] for pixel in block_values(image, len(case.alpha))]
+    assert all(abs(a - b) <= 2 for a, b in zip(got, case.alpha, strict=True)), got
+
+
+@pytest.mark.parametrize("case", KEYED.values(), ids=KEYED.keys())
+def test_png_transparency_survives_original_format(case: Keyed) -> None:
+    source = case.png()
+    result = compress(source, CompressParams(format="original"))
+    if result.kept_original:  # 1-, 2- and 4-bit files are smaller than any re-encoding
+        assert result.data == source
+        return
+    flattened = decode(result.data).convert("RGBA")
+
+    got = [pixel[3] for pixel in block_values(flattened, len(case.alpha))]
+    assert got == list(case.alpha)
+
+
 # -- failures -----------------------------------------------------------------
 
 FAILURES = {
@@ -569,7 +716,7 @@ def test_compress_failures_name_stage_and_reason(
 
 
 def test_avif_unavailable_is_a_clear_encode_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compress_module, "AVIF_AVAILABLE", False)
+    monkeypatch.setattr(formats, "avif_available", lambda: False)
 
     with pytest.raises(ImageFailure) as caught:
         compress(photo_jpeg(32, 32), CompressParams(format="avif"))
