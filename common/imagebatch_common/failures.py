@@ -28,6 +28,7 @@ class Reason(StrEnum):
     TOO_LARGE = "too-large"  # more bytes than max_image_bytes
     NOT_AN_IMAGE = "not-an-image"  # no allowed image format recognised
     DECOMPRESSION_BOMB = "decompression-bomb"  # more pixels than max_pixels
+    TOO_LARGE_FOR_MEMORY = "too-large-for-memory"  # decoding needs more than the budget
     CORRUPT = "corrupt-image"  # truncated or broken image data
     FORMAT_UNAVAILABLE = "format-unavailable"  # the target encoder is not installed
     ENCODE_FAILED = "encode-failed"

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from imagebatch_common.contract import (
     EXIT_OK,
@@ -504,3 +505,65 @@ def test_console_script_exit_codes(
     last = json.loads(finished.stdout.splitlines()[-1])
     assert (last["event"], last["exit"]) == ("shard_failed", expected)
     assert minio_server.secret_key not in finished.stdout + finished.stderr
+
+
+# -- memory: large images under the pod's limit ----------------------------------------
+
+
+def transparent_pngs(size: int = 7000) -> dict[str, bytes]:
+    """Four PNGs of ``size`` x ``size`` with transparency, a few hundred KB each.
+
+    Each decodes to 49 million pixels: 196 MB as RGBA before any conversion.
+    """
+
+    def png(image: Image.Image, **options: Any) -> bytes:
+        out = io.BytesIO()
+        image.save(out, "PNG", **options)
+        return out.getvalue()
+
+    rgba = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    ImageDraw.Draw(rgba).ellipse((size // 8, size // 8, size - size // 8, size // 2), "red")
+    palette = Image.new("P", (size, size), 0)
+    palette.putpalette([255, 255, 255, 200, 30, 30] + [0] * 762)
+    ImageDraw.Draw(palette).rectangle((size // 4, size // 4, size // 2, size // 2), 1)
+    grey = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(grey).ellipse((size // 3, size // 3, size // 2, size // 2), 180)
+    rgb = Image.new("RGB", (size, size), (0, 0, 0))
+    ImageDraw.Draw(rgb).rectangle((size // 2, size // 2, size - 10, size - 10), (20, 90, 200))
+    return {
+        "rgba.png": png(rgba),
+        "palette-trns.png": png(palette, transparency=0),
+        "grey-trns.png": png(grey, transparency=0),
+        "rgb-trns.png": png(rgb, transparency=(0, 0, 0)),
+    }
+
+
+def test_large_images_stay_within_the_memory_limit(
+    storage: Storage, minio_server: MinioServer, bucket: str
+) -> None:
+    limit = 1024**3
+    files = transparent_pngs()
+    with LocalHTTPServer(files) as big:
+        urls = [big.image_url(name) for name in files]
+        write_manifest(storage, bucket, urls, stored=False)
+        env = worker_env(
+            minio_server,
+            bucket,
+            IMAGEBATCH_MEMORY_LIMIT=str(limit),
+            IMAGEBATCH_COMPRESS_WORKERS="2",
+            IMAGEBATCH_READ_TIMEOUT="30",
+        )
+        with tempfile.TemporaryFile("w+") as out:
+            process = subprocess.Popen(worker_command(), env=env, stdout=out)
+            _pid, status, usage = os.wait4(process.pid, 0)  # the worker's own rusage
+            process.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            stdout = out.read()
+
+    assert process.returncode == EXIT_OK, stdout
+    summary = json.loads(stdout.splitlines()[-1])
+    assert summary["ok"] == 4, stdout
+    assert summary["memory_limit_mib"] == 1024
+    peak = usage.ru_maxrss * 1024  # KiB on Linux
+    assert peak < limit, f"peak RSS {peak / 1024**2:.0f} MiB; {summary}"
+    assert summary["peak_rss_mib"] == pytest.approx(peak / 1024**2, abs=1)

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
+from PIL import Image, ImageDraw
 
 from imagebatch_common.contract import (
     EXIT_OK,
@@ -33,7 +34,7 @@ from imagebatch_common.storage import (
     StorageSettings,
     StorageUnavailable,
 )
-from imagebatch_worker import compress as compress_module
+from imagebatch_worker import formats
 from imagebatch_worker.logs import JsonLog
 from imagebatch_worker.runner import ShardLocation, ShardRunner
 from imagebatch_worker.settings import WorkerSettings
@@ -83,9 +84,19 @@ class MemoryStorage(Storage):
         return iter(sorted(k for b, k in self.objects if b == bucket and k.startswith(prefix)))
 
 
+def large_png() -> bytes:
+    """2000x2000 with transparency: a small file that decodes to 16 MB of pixels."""
+    image = Image.new("RGBA", (2000, 2000), (0, 0, 0, 0))
+    ImageDraw.Draw(image).ellipse((200, 200, 1800, 1800), fill=(200, 30, 30, 255))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
 @pytest.fixture
 def server() -> Iterator[LocalHTTPServer]:
     files = {f"{n}.jpg": photo_jpeg(160, 120, seed=n) for n in range(6)}
+    files["large.png"] = large_png()
     with LocalHTTPServer(files, stall_seconds=20) as running:
         yield running
 
@@ -138,7 +149,7 @@ def test_storage_failing_mid_shard_stops_it_for_a_retry(server: LocalHTTPServer)
 def test_unavailable_encoder_fails_every_image_without_downloading(
     server: LocalHTTPServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(compress_module, "AVIF_AVAILABLE", False)
+    monkeypatch.setattr(formats, "avif_available", lambda: False)
     storage = MemoryStorage()
     urls = [server.image_url("0.jpg"), server.image_url("1.jpg")]
     location = shard(storage, urls, Compression(format="avif"))
@@ -164,3 +175,24 @@ def test_result_summary_counts(server: LocalHTTPServer) -> None:
     assert (summary["images"], summary["ok"], summary["failed"]) == (3, 2, 1)
     assert summary["bytes_out"] == sum(image.output_bytes for image in result.images)
     assert result.started_at and result.finished_at
+
+
+def test_image_too_large_for_the_memory_budget_fails_alone(server: LocalHTTPServer) -> None:
+    storage = MemoryStorage()
+    urls = [server.image_url("large.png"), server.image_url("0.jpg")]
+    location = shard(storage, urls, Compression())
+    out = io.StringIO()
+
+    # 64 MiB of memory leaves a 16 MiB budget for pixels: the PNG needs more.
+    code = ShardRunner(settings(memory_limit=64 * 1024 * 1024), storage, log=JsonLog(out)).run(
+        location
+    )
+
+    assert code == EXIT_OK
+    large, small = ShardResult.from_json(storage.get("images", location.result_key)).images
+    assert (large.ok, large.stage) == (False, "decode")
+    assert large.error.startswith("too-large-for-memory: ")
+    assert "16 MiB memory budget" in large.error
+    assert small.ok
+    summary = json.loads(out.getvalue().splitlines()[-1])
+    assert (summary["memory_limit_mib"], summary["memory_budget_mib"]) == (64, 16)

@@ -1,33 +1,36 @@
-"""Where ``compress()`` runs: in the image's own thread, or in a pool of processes.
+"""Where ``compress()`` runs: on a few dedicated threads, or in a pool of processes.
 
 The runner's threads spend most of their time waiting on the network; compression is
-the CPU work, bounded here to the CPUs the pod may use. Two ways, chosen by
-``WorkerSettings.compress_in`` and compared by ``tests/bench/bench_worker.py``:
+the CPU work, bounded here to the CPUs the pod may use, and to the memory it may use:
+every image holds its estimated peak of the shared ``MemoryBudget`` while it decodes
+and encodes. Two ways, chosen by ``WorkerSettings.compress_in`` and compared by
+``tests/bench/bench_worker.py``:
 
 * ``threads`` (the default): a few dedicated threads. Pillow releases the GIL while it
   decodes, resizes and encodes into a file descriptor, so threads use every core; no
   image bytes are copied between processes, and on a two-core machine this measured
-  faster and cheaper in CPU per image than the pool below.
+  faster and cheaper in CPU per image than the pool below. Pillow is imported by the
+  first compression, on its thread, while the first downloads are under way.
 * ``processes``: a pool of worker processes. No GIL is shared with the threads doing
-  HTTP and MinIO requests, and a decoder that crashes or is killed for memory takes one
-  pool down, not the pod: the image is tried once more on a fresh pool and, if it kills
-  that one too, recorded as failed while the shard goes on.
+  HTTP and storage requests, and a decoder that crashes or is killed for memory takes
+  one pool down, not the pod: the image is tried once more on a fresh pool and, if it
+  kills that one too, recorded as failed while the shard goes on. The memory is
+  reserved in the parent from the image's header before the image is sent.
 """
 
 from __future__ import annotations
 
 import ctypes
-import multiprocessing
 import threading
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from typing import Protocol
-
-from PIL import _imaging as pillow_core  # what PIL.Image.core is; holds the block cache
+from typing import TYPE_CHECKING, Protocol
 
 from imagebatch_common.contract import Stage
 from imagebatch_common.failures import ImageFailure, Reason
-from imagebatch_worker.compress import CompressedImage, CompressParams, compress
+from imagebatch_worker.formats import CompressedImage, CompressParams
+from imagebatch_worker.memory import MemoryBudget
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 COMPRESS_MODES = ("processes", "threads")
 
@@ -47,6 +50,8 @@ def reuse_image_memory(workers: int) -> None:
     its heap (a no-op where the C library is not glibc). Peak memory is unchanged; only
     a few image-sized buffers stay reserved between images.
     """
+    from PIL import _imaging as pillow_core  # what PIL.Image.core is; holds the block cache
+
     pillow_core.set_blocks_max(max(pillow_core.get_blocks_max(), 2 * workers))
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -59,7 +64,7 @@ def reuse_image_memory(workers: int) -> None:
 
 
 class Compressor(Protocol):
-    """Runs ``compress`` with bounded parallelism. Thread-safe."""
+    """Runs ``compress`` with bounded parallelism and memory. Thread-safe."""
 
     def compress(self, data: bytes, params: CompressParams) -> CompressedImage: ...
 
@@ -67,29 +72,49 @@ class Compressor(Protocol):
 
 
 class ThreadCompressor:
-    """Compresses on ``workers`` dedicated threads.
+    """Compresses on the calling thread; the caller runs ``workers`` such threads.
 
-    Dedicated rather than the callers' own: glibc gives each thread that allocates its
-    own heap, and image-sized buffers kept for reuse should sit in ``workers`` heaps,
-    not in one per download thread.
+    The runner's compression threads are dedicated to it (``runner._Pipeline``): glibc
+    gives each thread that allocates its own heap, and image-sized buffers kept for
+    reuse should sit in ``workers`` heaps, not in one per download thread. Compressing
+    on the caller's thread rather than handing the image to a pool spares two thread
+    wake-ups per image.
     """
 
-    def __init__(self, workers: int) -> None:
-        reuse_image_memory(workers)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="compress")
+    def __init__(self, workers: int, budget: MemoryBudget | None = None) -> None:
+        self._workers = workers
+        self._budget = budget or MemoryBudget(None)
+        self._ready = False
+        self._lock = threading.Lock()
 
     def compress(self, data: bytes, params: CompressParams) -> CompressedImage:
-        return self._pool.submit(compress, data, params).result()
+        if not self._ready:
+            with self._lock:
+                if not self._ready:
+                    reuse_image_memory(self._workers)  # imports Pillow: the first image pays
+                    self._ready = True
+        from imagebatch_worker.compress import compress
+
+        return compress(data, params, self._budget.reserve)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        pass
+
+
+def _compress_in_process(data: bytes, params: CompressParams) -> CompressedImage:
+    from imagebatch_worker.compress import compress
+
+    return compress(data, params)
 
 
 class ProcessCompressor:
     """Compresses in ``workers`` processes; survives a process that dies mid-image."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, budget: MemoryBudget | None = None) -> None:
+        import multiprocessing  # only this mode needs it: 5 ms of start-up otherwise
+
         self._workers = workers
+        self._budget = budget or MemoryBudget(None)
         self._lock = threading.Lock()
         # forkserver, not fork: the runner already has threads, and forking a threaded
         # process can copy a lock held by another thread. The server process imports
@@ -99,6 +124,8 @@ class ProcessCompressor:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
+        from concurrent.futures import ProcessPoolExecutor
+
         return ProcessPoolExecutor(
             self._workers,
             mp_context=self._context,
@@ -113,12 +140,20 @@ class ProcessCompressor:
                 broken.shutdown(wait=False, cancel_futures=True)
 
     def compress(self, data: bytes, params: CompressParams) -> CompressedImage:
+        from imagebatch_worker.compress import header_estimate
+
+        with self._budget.reserve(header_estimate(data, params)):
+            return self._compress(data, params)
+
+    def _compress(self, data: bytes, params: CompressParams) -> CompressedImage:
         # A dead process breaks the whole pool and every image in it; the innocent ones
         # succeed on the fresh pool, the image that kills that one too is the culprit.
+        from concurrent.futures.process import BrokenProcessPool
+
         for attempt in (1, 2):
             pool = self._pool
             try:
-                return pool.submit(compress, data, params).result()
+                return pool.submit(_compress_in_process, data, params).result()
             except BrokenProcessPool as error:
                 self._replace(pool)
                 if attempt == 2:
@@ -134,9 +169,9 @@ class ProcessCompressor:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def make_compressor(mode: str, workers: int) -> Compressor:
+def make_compressor(mode: str, workers: int, budget: MemoryBudget | None = None) -> Compressor:
     if mode == "threads":
-        return ThreadCompressor(workers)
+        return ThreadCompressor(workers, budget)
     if mode == "processes":
-        return ProcessCompressor(workers)
+        return ProcessCompressor(workers, budget)
     raise ValueError(f"compress mode {mode!r} is not one of {', '.join(COMPRESS_MODES)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from datetime import UTC, datetime
+import time
 from typing import TextIO
 
 
@@ -23,13 +23,22 @@ class JsonLog:
         self._lock = threading.Lock()
 
     def emit(self, event: str, **fields: object) -> None:
-        record: dict[str, object] = {
-            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "event": event,
-        }
+        record: dict[str, object] = {"ts": _timestamp(), "event": event}
         record.update(fields)
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
+        line = _encode(record) + "\n"
         stream = self._stream if self._stream is not None else sys.stdout
         with self._lock:
-            stream.write(line + "\n")
+            stream.write(line)
             stream.flush()
+
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
+def _timestamp() -> str:
+    """Now in UTC as ``2025-01-31T12:34:56.789+00:00``, as isoformat would write it."""
+    now = time.time()
+    seconds = int(now)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + (
+        f".{int((now - seconds) * 1000):03d}+00:00"
+    )

@@ -4,28 +4,38 @@ The exit code is the contract with the Indexed Job (``contract.EXIT_*``):
 
 * ``EXIT_OK`` once the result manifest is written, however many images failed: an
   image failure is data (recorded with its stage and reason), not a pod failure.
-* ``EXIT_RETRY`` when the shard cannot finish now (MinIO unreachable or refusing):
+* ``EXIT_RETRY`` when the shard cannot finish now (storage unreachable or refusing):
   the Job runs the index again, and the retry skips every image already stored.
 * ``EXIT_PERMANENT`` when the shard can never finish (manifest missing, unreadable,
   for another shard): the Job's podFailurePolicy fails the index at once.
 
-Images flow through a pool of threads, each taking one image from download through
-compression to upload, so network waits of some images overlap the compression of
-others. Compression itself is bounded to the CPUs the pod may use (``compressors``):
-more would only make images wait on each other and hold more decoded pixels in memory.
-Pillow releases the GIL while decoding, resizing and (into a file descriptor) encoding,
-which is what lets threads use every core; ``tests/bench/bench_worker.py`` measures it.
+Images flow through a two-stage pipeline (``_Pipeline``):
+
+* ``concurrency`` download threads fetch images (and, on a retried shard, check whether
+  each is stored already) and queue the bodies;
+* ``compress_workers`` threads, as many as the CPUs the pod may use, take a body,
+  compress it and upload the result themselves.
+
+Downloads run ahead of compression, so network waits overlap the codec; a short queue
+between the stages bounds the bodies held in memory. A body crosses threads once: the
+compressed bytes are uploaded by the thread that made them. Measured on two cores, the
+earlier design (a thread per image handing each one to a compression pool and waiting
+for it back) spent a quarter of its Python time waking threads (``tests/bench``).
+Pillow releases the GIL while decoding, resizing and encoding into a file descriptor,
+which is what lets threads use every core.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import resource
 import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 
 from imagebatch_common.contract import (
     EXIT_OK,
@@ -45,7 +55,7 @@ from imagebatch_common.contract import (
     WorkerEnv as Env,
 )
 from imagebatch_common.failures import ImageFailure, Reason
-from imagebatch_common.fetch import Fetcher
+from imagebatch_common.fetch import FetchedImage, Fetcher
 from imagebatch_common.redact import redact_url
 from imagebatch_common.storage import (
     ObjectInfo,
@@ -54,14 +64,15 @@ from imagebatch_common.storage import (
     StorageError,
 )
 from imagebatch_common.urlguard import Resolver, system_resolver
-from imagebatch_worker.compress import (
+from imagebatch_worker.compressors import Compressor, make_compressor
+from imagebatch_worker.formats import (
     TARGET_FORMATS,
     CompressedImage,
     CompressParams,
     target_format_problem,
 )
-from imagebatch_worker.compressors import Compressor, make_compressor
 from imagebatch_worker.logs import JsonLog
+from imagebatch_worker.memory import MIB, MemoryBudget, budget_for, memory_limit
 from imagebatch_worker.settings import WorkerSettings
 
 # User metadata stored with every output, so a retry that skips an existing image can
@@ -143,6 +154,196 @@ def _int(value: str | None) -> int:
     return int(value) if value and value.isdigit() else 0
 
 
+@dataclass(frozen=True)
+class _Fetched:
+    """A downloaded image waiting for a compression thread."""
+
+    image: ShardImage
+    fetched: FetchedImage
+    started: float  # monotonic time its work began, for the log line
+
+
+_DONE = None  # tells a compression thread that no more images will come
+
+
+class _Pipeline:
+    """Download threads feed compression threads through a short queue (one shard)."""
+
+    def __init__(
+        self,
+        runner: ShardRunner,
+        manifest: ShardManifest,
+        params: CompressParams,
+        trust_absent: bool,
+        budget: MemoryBudget,
+    ) -> None:
+        self.runner = runner
+        self.manifest = manifest
+        self.params = params
+        self.trust_absent = trust_absent
+        self.budget = budget
+        self.settings = runner.settings
+        self.stop = threading.Event()
+        self.results: dict[str, ImageResult] = {}
+        self.cpu_ms_to_first_fetch: float | None = None
+        # Thread CPU seconds by stage, summed over the threads: where an image's CPU goes.
+        self.cpu: dict[str, float] = dict.fromkeys(
+            ("check", "download", "compress", "upload", "record"), 0.0
+        )
+        self._error: BaseException | None = None  # what stopped the shard, re-raised
+        self._lock = threading.Lock()
+        self._next = 0
+        self._images: list[ShardImage] = []
+        # Two bodies per compression thread keep every thread busy while downloads
+        # catch up; more would only hold more bodies in memory.
+        self._ready: queue.Queue[_Fetched | None] = queue.Queue(
+            maxsize=2 * self.settings.compress_workers
+        )
+
+    def run(self, images: list[ShardImage]) -> dict[str, ImageResult]:
+        self._images = images
+        if not images:
+            return self.results
+        compressor = make_compressor(
+            self.settings.compress_in, self.settings.compress_workers, self.budget
+        )
+        with Fetcher(
+            self.settings.fetch_settings(), resolver=self.runner.resolver, stop=self.stop
+        ) as fetcher:
+            downloaders = [
+                threading.Thread(
+                    target=self._guard, args=(partial(self._download, fetcher),), name=f"fetch-{n}"
+                )
+                for n in range(min(self.settings.concurrency, len(images)))
+            ]
+            compressors = [
+                threading.Thread(
+                    target=self._guard,
+                    args=(partial(self._compress, compressor),),
+                    name=f"compress-{n}",
+                )
+                for n in range(self.settings.compress_workers)
+            ]
+            for thread in (*downloaders, *compressors):
+                thread.start()
+            for thread in downloaders:
+                thread.join()
+            for _ in compressors:
+                self._ready.put(_DONE)
+            for thread in compressors:
+                thread.join()
+            compressor.close()
+        if self._error is not None:
+            raise self._error  # the first StorageError (or defect) stops the shard
+        return self.results
+
+    def _guard(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as error:  # a StorageError, or a defect: stop the shard
+            with self._lock:
+                if self._error is None:
+                    self._error = error
+            self.stop.set()  # in-flight downloads give up at their next chunk
+
+    def _take(self) -> ShardImage | None:
+        with self._lock:
+            if self._next >= len(self._images) or self.stop.is_set():
+                return None
+            image = self._images[self._next]
+            self._next += 1
+            if self.cpu_ms_to_first_fetch is None:
+                self.cpu_ms_to_first_fetch = round(time.process_time() * 1000, 1)
+            return image
+
+    def _add_cpu(self, spent: dict[str, float]) -> None:
+        with self._lock:
+            for stage, seconds in spent.items():
+                self.cpu[stage] += seconds
+
+    def _download(self, fetcher: Fetcher) -> None:
+        spent = dict.fromkeys(("check", "download", "record"), 0.0)
+        try:
+            self._download_all(fetcher, spent)
+        finally:
+            self._add_cpu(spent)
+
+    def _download_all(self, fetcher: Fetcher, spent: dict[str, float]) -> None:
+        runner, manifest, params = self.runner, self.manifest, self.params
+        problem = target_format_problem(params.format)
+        clock = time.thread_time
+        while (image := self._take()) is not None:
+            started = time.monotonic()
+            if problem is not None:
+                self._record_as(image, runner._failed(image, problem), started)
+                continue
+            if not (self.trust_absent and image.stored is False):
+                before = clock()
+                existing = runner._existing_output(manifest.bucket, image.key, params.format)
+                spent["check"] += clock() - before
+                if existing is not None:
+                    self._record_as(image, _Outcome(runner._skipped(image, existing)), started)
+                    continue
+            before = clock()
+            try:
+                fetched = fetcher.fetch(image.url)
+                spent["download"] += clock() - before
+            except ImageFailure as failure:
+                self._record_as(image, runner._failed(image, failure), started)
+                continue
+            except Exception as error:  # a defect must cost one image, not the whole shard
+                defect = ImageFailure(
+                    Stage.FETCH, Reason.INTERNAL, f"unexpected {type(error).__name__}: {error}"
+                )
+                self._record_as(image, runner._failed(image, defect), started)
+                continue
+            item = _Fetched(image, fetched, started)
+            while not self.stop.is_set():
+                try:
+                    self._ready.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+    def _compress(self, compressor: Compressor) -> None:
+        spent = dict.fromkeys(("compress", "upload", "record"), 0.0)
+        try:
+            self._compress_all(compressor, spent)
+        finally:
+            self._add_cpu(spent)
+
+    def _compress_all(self, compressor: Compressor, spent: dict[str, float]) -> None:
+        runner, manifest, params = self.runner, self.manifest, self.params
+        clock = time.thread_time
+        while (item := self._ready.get()) is not _DONE:
+            if self.stop.is_set():
+                continue  # drain: the shard is stopping, nothing more is stored
+            image, data = item.image, item.fetched.data
+            before = clock()
+            try:
+                compressed = compressor.compress(data, params)
+                spent["compress"] += clock() - before
+            except ImageFailure as failure:
+                self._record_as(image, runner._failed(image, failure, len(data)), item.started)
+                continue
+            except Exception as error:  # a defect must cost one image, not the whole shard
+                defect = ImageFailure(
+                    Stage.DECODE, Reason.INTERNAL, f"unexpected {type(error).__name__}: {error}"
+                )
+                self._record_as(image, runner._failed(image, defect, len(data)), item.started)
+                continue
+            before = clock()
+            outcome = runner._store(image, manifest, params, compressed, len(data))
+            between = clock()
+            self._record_as(image, outcome, item.started)
+            spent["upload"] += between - before
+            spent["record"] += clock() - between
+
+    def _record_as(self, image: ShardImage, outcome: _Outcome, started: float) -> None:
+        self.results[image.key] = outcome.result
+        self.runner._log_image(self.manifest, outcome, started)
+
+
 class ShardRunner:
     """Runs shards with one set of settings against one MinIO."""
 
@@ -165,14 +366,15 @@ class ShardRunner:
         started_at = _now()
         try:
             manifest = self._load_manifest(location)
-            results = self._process(manifest)
+            results, stats = self._process(manifest)
+            summary = {**self._summary(results, time.monotonic() - started), **stats}
             result = ShardResult(
                 run=location.run,
                 index=location.index,
                 images=results,
                 started_at=started_at,
                 finished_at=_now(),
-                extra={"summary": self._summary(results, time.monotonic() - started)},
+                extra={"summary": summary},
             )
             self.storage.put(
                 location.bucket, location.result_key, result.to_json(), "application/json"
@@ -181,7 +383,7 @@ class ShardRunner:
             self._log_shard_failure(location, failure.exit_code, failure.reason, failure.message)
             return failure.exit_code
         except StorageError as error:
-            # Unreachable or refusing MinIO may recover: retry. A missing output bucket
+            # Unreachable or refusing storage may recover: retry. A missing output bucket
             # (the manifest was readable, so its own bucket exists) will not.
             exit_code = EXIT_PERMANENT if isinstance(error, ObjectNotFound) else EXIT_RETRY
             reason = "storage-missing" if exit_code == EXIT_PERMANENT else "storage-unavailable"
@@ -193,7 +395,7 @@ class ShardRunner:
             index=location.index,
             result_key=location.result_key,
             exit=EXIT_OK,
-            **self._summary(results, time.monotonic() - started),
+            **summary,
         )
         return EXIT_OK
 
@@ -235,53 +437,49 @@ class ShardRunner:
 
     # -- images ---------------------------------------------------------------
 
-    def _process(self, manifest: ShardManifest) -> tuple[ImageResult, ...]:
+    def _process(
+        self, manifest: ShardManifest
+    ) -> tuple[tuple[ImageResult, ...], dict[str, object]]:
+        """Produce every image of ``manifest``; return the results in manifest order
+        and the pipeline's figures for the summary."""
         params = CompressParams.from_compression(manifest.compression, self.settings.max_pixels)
         # A URL repeated in the shard has one key: produce it once, report it per row.
         unique: dict[str, ShardImage] = {}
         for image in manifest.images:
             unique.setdefault(image.key, image)
         trust_absent = self._first_attempt(manifest)
-        stop = threading.Event()
-        compressor = make_compressor(self.settings.compress_in, self.settings.compress_workers)
-        with Fetcher(self.settings.fetch_settings(), resolver=self.resolver, stop=stop) as fetcher:
-            pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="image")
-            futures: dict[str, Future[ImageResult]] = {
-                key: pool.submit(
-                    self._process_image, image, manifest, params, fetcher, compressor, trust_absent
-                )
-                for key, image in unique.items()
-            }
-            try:
-                for future in as_completed(futures.values()):
-                    future.result()  # the first StorageUnavailable stops the shard
-            except BaseException:
-                stop.set()  # in-flight downloads give up at their next chunk
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            finally:
-                compressor.close()
-            pool.shutdown(wait=True)
-        return tuple(
-            replace(futures[image.key].result(), url=image.url) for image in manifest.images
-        )
+        limit = memory_limit(self.settings.memory_limit)
+        budget = MemoryBudget(budget_for(limit))
+        pipeline = _Pipeline(self, manifest, params, trust_absent, budget)
+        cpu_before = time.process_time()
+        produced = pipeline.run(list(unique.values()))
+        process_cpu = time.process_time() - cpu_before
+        results = []
+        for image in manifest.images:
+            result = produced[image.key]
+            results.append(result if result.url == image.url else replace(result, url=image.url))
+        count = max(len(unique), 1)
+        per_image = {stage: seconds * 1000 / count for stage, seconds in pipeline.cpu.items()}
+        per_image["other"] = process_cpu * 1000 / count - sum(per_image.values())
+        stats: dict[str, object] = {
+            "cpu_ms_to_first_fetch": pipeline.cpu_ms_to_first_fetch,
+            # Process CPU per distinct image while images flowed, by pipeline stage
+            # ("other": thread start-up and hand-over, the allocator, the GIL).
+            "cpu_ms_per_image": {stage: round(ms, 3) for stage, ms in per_image.items()},
+            "memory_limit_mib": round(limit / MIB) if limit else None,
+            "memory_budget_mib": round(budget.total / MIB) if budget.total else None,
+            "memory_peak_reserved_mib": round(budget.peak / MIB, 1),
+            "images_waited_for_memory": budget.waited,
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+        return tuple(results), stats
 
-    def _process_image(
-        self,
-        image: ShardImage,
-        manifest: ShardManifest,
-        params: CompressParams,
-        fetcher: Fetcher,
-        compressor: Compressor,
-        trust_absent: bool,
-    ) -> ImageResult:
-        started = time.monotonic()
-        outcome = self._produce(image, manifest, params, fetcher, compressor, trust_absent)
+    def _log_image(self, manifest: ShardManifest, outcome: _Outcome, started: float) -> None:
         result = outcome.result
         self.log.emit(
             "image",
             shard=manifest.index,
-            url=redact_url(image.url),
+            url=redact_url(result.url),
             key=result.key,
             ok=result.ok,
             skipped=result.skipped,
@@ -296,38 +494,15 @@ class ShardRunner:
             height=result.height,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
-        return result
 
-    def _produce(
+    def _store(
         self,
         image: ShardImage,
         manifest: ShardManifest,
         params: CompressParams,
-        fetcher: Fetcher,
-        compressor: Compressor,
-        trust_absent: bool,
+        compressed: CompressedImage,
+        input_bytes: int,
     ) -> _Outcome:
-        problem = target_format_problem(params.format)
-        if problem is not None:
-            return self._failed(image, problem)
-        if not (trust_absent and image.stored is False):
-            existing = self._existing_output(manifest.bucket, image.key, params.format)
-            if existing is not None:
-                return _Outcome(self._skipped(image, existing))
-        input_bytes = 0
-        try:
-            fetched = fetcher.fetch(image.url)
-            input_bytes = len(fetched.data)
-            compressed = compressor.compress(fetched.data, params)
-        except ImageFailure as failure:
-            return self._failed(image, failure, input_bytes)
-        except Exception as error:  # a defect must cost one image, not the whole shard
-            defect = ImageFailure(
-                Stage.FETCH if input_bytes == 0 else Stage.DECODE,
-                Reason.INTERNAL,
-                f"unexpected {type(error).__name__}: {error}",
-            )
-            return self._failed(image, defect, input_bytes)
         key = image.key if params.format != "original" else f"{image.key}.{compressed.extension}"
         self.storage.put(
             manifest.bucket,

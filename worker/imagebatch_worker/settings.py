@@ -101,6 +101,11 @@ class WorkerSettings:
     ca_bundle: str = ""
     # User-Agent sent with every download (IMAGEBATCH_USER_AGENT).
     user_agent: str = "imagebatch-worker/0.1"
+    # The pod's memory limit in bytes (IMAGEBATCH_MEMORY_LIMIT; the Job sets it from
+    # the chart's worker memory limit). The worker also reads its cgroup's limit and
+    # uses the smaller; images are admitted to decoding within a budget derived from it
+    # (``memory``). None: only the cgroup's limit, if any, applies.
+    memory_limit: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -143,6 +148,7 @@ class WorkerSettings:
             ),
             ca_bundle=source.get("IMAGEBATCH_CA_BUNDLE", "").strip(),
             user_agent=source.get("IMAGEBATCH_USER_AGENT", "").strip() or defaults.user_agent,
+            memory_limit=read_env(source, Env.MEMORY_LIMIT, positive_int, 0) or None,
         )
 
     def fetch_settings(self) -> FetchSettings:
