@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from imagebatch_common.contract import Stage
 from imagebatch_common.failures import ImageFailure, Reason
-from imagebatch_worker.compress import memory_estimate
+from imagebatch_worker.compress import header_estimate, memory_estimate
+from imagebatch_worker.formats import CompressParams
 from imagebatch_worker.memory import MIB, MemoryBudget, budget_for, memory_limit
 from tests.bench.images import photo
 from tests.bench.local_http import wait_until
@@ -156,6 +159,38 @@ def test_estimate_grows_with_what_the_path_allocates() -> None:
     assert rgb < estimate(source_format="jpeg", progressive=True)
     # A colour key that the target keeps as it is costs nothing extra.
     assert estimate(mode="P", target="png") == estimate(mode="P", target="png", colour_key=True)
+
+
+def test_estimate_reads_the_header_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A PNG that claims 4000x3000 but holds almost no pixel data: decoding it would fail,
+    # as would a header check that decoded (Pillow's getexif loads a whole PNG).
+    width, height = 4000, 3000
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    idat = b"IDAT" + zlib.compress(b"\0" * 16)
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+        + struct.pack(">I", len(idat) - 4)
+        + idat
+        + struct.pack(">I", zlib.crc32(idat))
+    )
+
+    loads: list[object] = []
+    real_load = ImageFile.ImageFile.load
+
+    def spy(image: ImageFile.ImageFile) -> object:
+        loads.append(image)
+        return real_load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+
+    estimate = header_estimate(png, CompressParams())
+
+    assert loads == []
+    assert estimate == memory_estimate(width, height, "RGBA", source_format="png", target="jpeg")
 
 
 # Each conversion path, compressed once in a process of its own (tests.bench.memory_probe):

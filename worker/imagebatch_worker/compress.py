@@ -307,18 +307,18 @@ def compress(
                 f"cannot prepare a {mode} image for {target}: {_error_text(error)}",
             ) from error
         del image  # the decoded pixels go before the encoder allocates its buffers
-        # Fewer pixels than the source (turning keeps the count): a JPEG draft or a
-        # resize made it smaller, so a larger file is no reason to keep the source.
-        downscaled = converted.width * converted.height < source_size[0] * source_size[1]
+        size = converted.size
         encoded = _encode(converted, target, params.quality)
+        del converted  # and these before the memory is handed to the next image
+    # Fewer pixels than the source (turning keeps the count): a JPEG draft or a resize
+    # made it smaller, so a larger file is no reason to keep the source.
+    downscaled = size[0] * size[1] < source_size[0] * source_size[1]
 
     if target == source_format and not downscaled and len(encoded) > len(data):
         # Same format, same pixels and still larger: the source was already tighter.
         # Its metadata stays with it; viewers apply its EXIF orientation themselves.
-        return CompressedImage(
-            data, target, *converted.size, source_format, *source_size, kept_original=True
-        )
-    return CompressedImage(encoded, target, *converted.size, source_format, *source_size)
+        return CompressedImage(data, target, *size, source_format, *source_size, kept_original=True)
+    return CompressedImage(encoded, target, *size, source_format, *source_size)
 
 
 def header_estimate(data: bytes, params: CompressParams) -> int:
@@ -364,9 +364,22 @@ def _estimate(
         colour_key="transparency" in image.info,
         progressive=bool(image.info.get("progressive") or image.info.get("progression")),
         icc_profile=bool(image.info.get("icc_profile")),
-        rotated=_orientation(image) in range(2, 9),
+        rotated=_header_orientation(image) in range(2, 9),
         output_size=output,
     )
+
+
+def _header_orientation(image: ImageFile.ImageFile) -> int:
+    """The EXIF orientation if the header already carried it, without decoding.
+
+    Pillow's ``getexif`` decodes a whole PNG to look for an eXIf chunk after the pixels;
+    here only EXIF read with the header counts (JPEG APP1, WebP, a PNG eXIf before
+    IDAT). A PNG whose eXIf follows its pixels is turned after decoding without having
+    reserved the copy: writers put eXIf first, and the estimate's margin covers it.
+    """
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    return _orientation(image)
 
 
 def _prepare(

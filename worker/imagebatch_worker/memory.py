@@ -159,8 +159,8 @@ class MemoryBudget:
         try:
             yield
         finally:
+            if total is not None and size > total * _TRIM_SHARE:
+                _malloc_trim()  # before the next image may start in another thread's heap
             with self._cond:
                 self.used -= size
                 self._cond.notify_all()
-            if total is not None and size > total * _TRIM_SHARE:
-                _malloc_trim()
