@@ -1,28 +1,33 @@
 """Worker throughput, measured side by side with what it competes against.
 
-Run ``python -m tests.bench.bench_worker --out reports/bench-worker.md``. It generates
-photograph-like JPEGs at 1920x1080 and 640x480, serves them over HTTP on 127.0.0.1
-from a separate process, starts a local MinIO, and measures on the same images in the
-same run:
+Run ``python -m tests.bench.bench_worker --out reports/bench-worker.md`` (``make bench``).
+It generates photograph-like JPEGs at 1920x1080, 640x480 and 4000x3000 (12 MP), serves
+them over HTTP on 127.0.0.1 from a separate process, starts a local MinIO, and measures
+on the same images in the same run:
 
 * the worker: the ``imagebatch-worker`` console script running one shard (HTTP fetch,
-  compress, upload to MinIO, result manifest), as a Job pod runs it, once with
-  compression in threads (the default) and once in a process pool;
-* (a) the codec ceiling: Pillow decode + encode in memory with the worker's encoder
+  compress, upload to MinIO, result manifest), as a Job pod runs it; with
+  ``--compare SCRIPT`` also another build's worker (the one before a change) on the
+  same images, interleaved;
+* the codec ceiling: Pillow decode + encode in memory with the worker's encoder
   options, in 2 processes, no I/O at all;
-* (b) ``mogrify -quality 50`` over the same files, 2 processes in parallel;
-* (c) a naive sequential loop: ``requests.get`` + Pillow + MinIO ``put_object``;
-* the codec in 2 threads encoding into ``io.BytesIO`` versus a memory file descriptor,
-  the fact that makes compressing in threads viable at all;
-* what one image costs the machine besides the codec: a stat, a download and an
-  upload, in CPU time across all processes (worker, MinIO, HTTP server, kernel);
-* the worker and the naive loop once more against a server that answers each image
-  after ``--latency-ms`` (default 20), as image hosts across the internet do; loopback
-  answers at once, which hides what concurrency is for.
+* the I/O-inclusive ceiling: the best rate two cores can reach when each image also
+  costs its download and upload, i.e. 2 / (codec CPU + download CPU + upload CPU per
+  image), each measured in this run, servers' CPU included;
+* ``mogrify -quality 50`` over the same files, 2 processes in parallel;
+* a naive sequential loop: ``requests.get`` + Pillow + MinIO ``put_object``;
+* the codec in 2 threads encoding into ``io.BytesIO`` versus a memory file descriptor;
+* lines for WebP output, a server answering after ``--latency-ms`` (default 20), 100
+  image hosts with that latency, and four 7000x7000 PNGs under a 1 GiB memory limit;
+* the worker's start-up CPU (to its first fetch, from its own summary) and a py-spy
+  profile of its Python time, sorted into the costs the worker issue lists, with a
+  flame graph per size next to the report.
 
-Methods run interleaved (round after round) and each keeps its best run, so a burst of
-other work on the machine costs one run, not one method. The report gives ratios,
-never pass/fail assertions; the targets are there to read the ratios against.
+CPU is counted per process (the worker through ``wait4``, MinIO and the image servers
+through /proc, the codec processes themselves), so other work on the machine does not
+land in a method's figures; wall-clock rates still suffer from it, so the report notes
+the load average. Methods run interleaved (round after round) and each keeps its best
+run. The report gives ratios, never pass/fail assertions.
 """
 
 from __future__ import annotations
@@ -32,14 +37,16 @@ import io
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -48,7 +55,7 @@ from typing import Any
 import PIL
 import requests
 from minio import Minio
-from PIL import Image, features
+from PIL import Image, ImageDraw, features
 
 from imagebatch_common.contract import (
     Compression,
@@ -63,13 +70,18 @@ from imagebatch_common.storage import Storage, StorageSettings
 from imagebatch_worker.compress import CompressParams, compress, encoder_options
 from imagebatch_worker.compressors import ThreadCompressor
 from imagebatch_worker.settings import WorkerSettings
+from tests.bench import profile
 from tests.bench.images import photo_jpeg
-from tests.bench.local_http import directory_server_process
+from tests.bench.local_http import FileServers, file_servers_process
 from tests.cluster.stack import LocalCluster, MinioServer
 
 QUALITY = 50
 CORES = 2  # the comparison the targets are set for: everything gets two cores
-TARGETS = {"1920x1080": 0.85, "640x480": 0.60}
+IO_CEILING_TARGET = 0.90
+MEMORY_LIMIT = 1024**3
+MIB = 1024 * 1024
+HOSTS = 100
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -81,15 +93,25 @@ class ImageSet:
     input_bytes: int
 
     @property
+    def count(self) -> int:
+        return len(self.files)
+
+    @property
     def megapixels(self) -> float:
-        return self.width * self.height * len(self.files) / 1e6
+        return self.width * self.height * self.count / 1e6
 
 
 @dataclass(frozen=True)
 class Run:
-    seconds: float
-    cpu_seconds: float  # busy CPU of the whole machine during the run
+    seconds: float  # the method's own time: in-shard for the worker, wall otherwise
+    cpu: dict[str, float]  # CPU seconds by process group (worker, storage, server, ...)
     output_bytes: int
+    summary: dict[str, Any] = field(default_factory=dict)  # the worker's shard summary
+    peak_rss: int = 0  # bytes, for a worker run
+
+    @property
+    def total_cpu(self) -> float:
+        return sum(self.cpu.values())
 
 
 @dataclass
@@ -107,22 +129,15 @@ class Measurement:
         return self.best.seconds
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent not idle, from /proc/stat."""
-    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def timed(work: Callable[[], tuple[float | None, int]]) -> Run:
-    """Run ``work``; it may return its own seconds (None: wall time is used)."""
-    busy = machine_busy_seconds()
-    started = time.perf_counter()
-    own_seconds, produced = work()
-    wall = time.perf_counter() - started
-    return Run(
-        own_seconds if own_seconds is not None else wall, machine_busy_seconds() - busy, produced
-    )
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def generate(name: str, width: int, height: int, count: int, root: Path) -> ImageSet:
@@ -138,61 +153,89 @@ def halves(items: Sequence[Path]) -> list[list[Path]]:
     return [list(items[start::CORES]) for start in range(CORES)]
 
 
-# -- (a) and the design probe: the codec alone ---------------------------------
+# -- the codec alone -----------------------------------------------------------------
 
 
-def _codec_batch(paths: list[Path], target: str = "bytesio") -> tuple[float, int]:
-    """Decode + encode ``paths`` in memory; return (seconds, output bytes)."""
+def _codec_batch(
+    paths: list[Path], target: str = "jpeg", into: str = "bytesio"
+) -> tuple[float, int, float]:
+    """Decode + encode ``paths`` in memory; return (seconds, output bytes, CPU seconds)."""
     blobs = [path.read_bytes() for path in paths]
-    options = encoder_options("jpeg", QUALITY)
+    options = encoder_options(target, QUALITY)
     produced = 0
+    cpu = time.process_time()
     started = time.perf_counter()
     for blob in blobs:
         image = Image.open(io.BytesIO(blob))
         image.load()
-        if target == "memfd":
+        if into == "memfd":
             descriptor = os.memfd_create("bench", os.MFD_CLOEXEC)
             with open(descriptor, "w+b") as memory:
-                image.save(memory, "JPEG", **options)
+                image.save(memory, target.upper(), **options)
                 memory.flush()
                 produced += os.fstat(memory.fileno()).st_size
         else:
             out = io.BytesIO()
-            image.save(out, "JPEG", **options)
+            image.save(out, target.upper(), **options)
             produced += out.tell()
-    return time.perf_counter() - started, produced
+    return time.perf_counter() - started, produced, time.process_time() - cpu
 
 
 def _warm() -> None:
-    """Import Pillow's JPEG plugin in a pool process before the clock starts."""
+    """Load Pillow's plugins and memory settings in a pool process before the clock."""
+    from imagebatch_worker.compressors import reuse_image_memory
+
+    reuse_image_memory(1)  # the worker's allocator settings, so the codecs compare fairly
     Image.open(io.BytesIO(photo_jpeg(16, 16))).load()
 
 
-def codec_in_processes(images: ImageSet, pool: ProcessPoolExecutor) -> tuple[float, int]:
-    parts = list(pool.map(_codec_batch, halves(images.files)))
-    return max(seconds for seconds, _ in parts), sum(size for _, size in parts)
+def codec_in_processes(images: ImageSet, pool: ProcessPoolExecutor, target: str = "jpeg") -> Run:
+    parts = list(pool.map(_codec_batch, halves(images.files), [target] * CORES))
+    return Run(
+        max(seconds for seconds, _, _ in parts),
+        {"codec": sum(cpu for _, _, cpu in parts)},
+        sum(size for _, size, _ in parts),
+    )
 
 
-def codec_in_threads(images: ImageSet, target: str) -> tuple[float | None, int]:
+def codec_in_threads(images: ImageSet, into: str) -> Run:
+    before = own_cpu()
     with ThreadPoolExecutor(CORES) as pool:
-        parts = list(pool.map(_codec_batch, halves(images.files), [target] * CORES))
-    return max(seconds for seconds, _ in parts), sum(size for _, size in parts)
+        parts = list(pool.map(_codec_batch, halves(images.files), ["jpeg"] * CORES, [into] * 2))
+    return Run(
+        max(seconds for seconds, _, _ in parts),
+        {"codec": own_cpu() - before},
+        sum(size for _, size, _ in parts),
+    )
 
 
-# -- the worker ----------------------------------------------------------------
+# -- the worker ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Stack:
     minio: MinioServer
+    minio_pid: int
     client: Minio
     bucket: str
-    base_url: str
-    far_url: str  # the same files, each answered after the configured latency
+    near: FileServers  # answers at once
+    far: FileServers  # answers after the configured latency
+    hosts: FileServers  # HOSTS servers, each with that latency
+    big: FileServers  # the 7000x7000 PNGs
+
+    def servers_cpu(self) -> float:
+        return sum(process_cpu(s.pid) for s in (self.near, self.far, self.hosts, self.big))
 
 
-def write_manifest(client: Minio, bucket: str, prefix: str, urls: list[str]) -> None:
-    compression = Compression(quality=QUALITY, format="jpeg")
+def write_manifest(
+    client: Minio,
+    bucket: str,
+    prefix: str,
+    urls: list[str],
+    target: str = "jpeg",
+    max_dimension: int | None = None,
+) -> None:
+    compression = Compression(quality=QUALITY, format=target, max_dimension=max_dimension)
     # As the operator plans a run: it listed the (fresh) prefix and found no outputs, so
     # the shard's first attempt does not check each image.
     images = tuple(ShardImage(url, image_key(prefix, url, compression), False) for url in urls)
@@ -201,15 +244,15 @@ def write_manifest(client: Minio, bucket: str, prefix: str, urls: list[str]) -> 
     client.put_object(bucket, shard_manifest_key(prefix, "bench", 0), io.BytesIO(body), len(body))
 
 
-def worker_script() -> str:
+def default_worker() -> str:
     script = shutil.which("imagebatch-worker", path=str(Path(sys.executable).parent))
     if script is None:
         raise SystemExit("the imagebatch-worker console script is not installed")
     return script
 
 
-def worker_env(stack: Stack, prefix: str, compress_in: str) -> dict[str, str]:
-    return {
+def worker_env(stack: Stack, prefix: str, **extra: str) -> dict[str, str]:
+    env = {
         "PATH": os.environ.get("PATH", ""),
         "MINIO_ENDPOINT": stack.minio.endpoint,
         "MINIO_ACCESS_KEY": stack.minio.access_key,
@@ -219,55 +262,69 @@ def worker_env(stack: Stack, prefix: str, compress_in: str) -> dict[str, str]:
         "IMAGEBATCH_RUN": "bench",
         "IMAGEBATCH_ALLOW_NETS": "127.0.0.1/32",
         "IMAGEBATCH_COMPRESS_WORKERS": str(CORES),
-        "IMAGEBATCH_COMPRESS_IN": compress_in,
     }
+    env.update(extra)
+    return env
+
+
+def spawn_measured(
+    command: list[str], env: Mapping[str, str]
+) -> tuple[int, str, resource.struct_rusage]:
+    """Run ``command``; return its exit code, stdout and its own resource usage."""
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen(command, env=dict(env), stdout=out, stderr=subprocess.DEVNULL)
+        _pid, status, usage = os.wait4(process.pid, 0)
+        out.seek(0)
+        return os.waitstatus_to_exitcode(status), out.read(), usage
 
 
 def run_worker(
-    images: ImageSet, stack: Stack, compress_in: str, base_url: str = ""
-) -> tuple[float, float, int]:
-    """Run one shard through the console script; return (wall s, in-shard s, bytes out)."""
+    script: str,
+    files: Sequence[Path],
+    stack: Stack,
+    servers: FileServers,
+    target: str = "jpeg",
+    max_dimension: int | None = None,
+    **env: str,
+) -> Run:
+    """One shard through a worker console script, as a Job pod runs it."""
     prefix = f"bench/{uuid.uuid4().hex[:8]}/"  # fresh keys: nothing to skip
-    urls = [f"{base_url or stack.base_url}/img/{path.name}" for path in images.files]
-    write_manifest(stack.client, stack.bucket, prefix, urls)
-    started = time.perf_counter()
-    finished = subprocess.run(
-        [worker_script(), "--shard", "0"],
-        env=worker_env(stack, prefix, compress_in),
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    wall = time.perf_counter() - started
-    if finished.returncode != 0:
-        raise SystemExit(f"worker exited {finished.returncode}:\n{finished.stdout[-2000:]}")
-    summary = json.loads(finished.stdout.splitlines()[-1])
+    urls = [f"{servers.urls[n % len(servers.urls)]}/img/{p.name}" for n, p in enumerate(files)]
+    write_manifest(stack.client, stack.bucket, prefix, urls, target, max_dimension)
+    storage_before, servers_before = process_cpu(stack.minio_pid), stack.servers_cpu()
+    code, stdout, usage = spawn_measured([script, "--shard", "0"], worker_env(stack, prefix, **env))
+    cpu = {
+        "worker": usage.ru_utime + usage.ru_stime,
+        "storage": process_cpu(stack.minio_pid) - storage_before,
+        "server": stack.servers_cpu() - servers_before,
+    }
+    if code != 0:
+        raise SystemExit(f"{script} exited {code}:\n{stdout[-2000:]}")
+    summary = json.loads(stdout.splitlines()[-1])
     if summary.get("failed"):
-        raise SystemExit(f"worker failed images: {finished.stdout[-2000:]}")
-    return wall, summary["ms"] / 1000, int(summary["bytes_out"])
+        raise SystemExit(f"{script} failed images: {stdout[-2000:]}")
+    return Run(
+        summary["ms"] / 1000, cpu, int(summary["bytes_out"]), summary, usage.ru_maxrss * 1024
+    )
 
 
-def worker_start_up(stack: Stack, samples: int = 3) -> float:
-    """Machine CPU seconds of a worker process that starts, finds no manifest and exits."""
-
-    def start_and_stop() -> tuple[float | None, int]:
-        subprocess.run(
-            [worker_script(), "--shard", "0"],
-            env=worker_env(stack, f"nothing-here-{uuid.uuid4().hex[:8]}/", "threads"),
-            capture_output=True,
-            timeout=120,
-        )
-        return None, 0
-
-    return min(timed(start_and_stop).cpu_seconds for _ in range(samples))
+def start_up_cpu(script: str, stack: Stack, samples: int = 3) -> float:
+    """CPU seconds of a worker process that starts, finds no manifest and exits."""
+    costs: list[float] = []
+    for _ in range(samples):
+        prefix = f"nothing-here-{uuid.uuid4().hex[:8]}/"
+        _code, _out, usage = spawn_measured([script, "--shard", "0"], worker_env(stack, prefix))
+        costs.append(usage.ru_utime + usage.ru_stime)
+    return min(costs)
 
 
-# -- (b) mogrify -----------------------------------------------------------------
+# -- what a user would otherwise run -------------------------------------------------
 
 
-def run_mogrify(images: ImageSet, output: Path) -> tuple[float | None, int]:
+def run_mogrify(images: ImageSet, output: Path) -> Run:
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
+    started = time.perf_counter()
     processes = [
         subprocess.Popen(
             ["mogrify", "-quality", str(QUALITY), "-path", str(output), *map(str, part)],
@@ -275,20 +332,27 @@ def run_mogrify(images: ImageSet, output: Path) -> tuple[float | None, int]:
         )
         for part in halves(images.files)
     ]
-    codes = [process.wait(timeout=1800) for process in processes]
-    if any(codes):
-        raise SystemExit(f"mogrify failed: {codes}")
-    return None, sum(path.stat().st_size for path in output.iterdir())
+    cpu = 0.0
+    for process in processes:
+        _pid, status, usage = os.wait4(process.pid, 0)
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(f"mogrify failed: {status}")
+        cpu += usage.ru_utime + usage.ru_stime
+    seconds = time.perf_counter() - started
+    return Run(seconds, {"mogrify": cpu}, sum(p.stat().st_size for p in output.iterdir()))
 
 
-# -- (c) the naive loop ------------------------------------------------------------
-
-
-def run_naive(images: ImageSet, stack: Stack, base_url: str = "") -> tuple[float | None, int]:
+def run_naive(images: ImageSet, stack: Stack, servers: FileServers) -> Run:
     prefix = f"naive/{uuid.uuid4().hex[:8]}/"
     produced = 0
+    storage_before, servers_before, before = (
+        process_cpu(stack.minio_pid),
+        stack.servers_cpu(),
+        own_cpu(),
+    )
+    started = time.perf_counter()
     for path in images.files:
-        response = requests.get(f"{base_url or stack.base_url}/img/{path.name}", timeout=60)
+        response = requests.get(f"{servers.urls[0]}/img/{path.name}", timeout=60)
         response.raise_for_status()
         image = Image.open(io.BytesIO(response.content))
         out = io.BytesIO()
@@ -298,49 +362,82 @@ def run_naive(images: ImageSet, stack: Stack, base_url: str = "") -> tuple[float
             stack.bucket, prefix + path.name, io.BytesIO(body), len(body), "image/jpeg"
         )
         produced += len(body)
-    return None, produced
+    cpu = {
+        "client": own_cpu() - before,
+        "storage": process_cpu(stack.minio_pid) - storage_before,
+        "server": stack.servers_cpu() - servers_before,
+    }
+    return Run(time.perf_counter() - started, cpu, produced)
 
 
-# -- the cost of one image besides the codec -----------------------------------------
+# -- what one image costs besides the codec --------------------------------------------
 
 
 def per_image_costs(images: ImageSet, stack: Stack, samples: int) -> dict[str, float]:
-    """Machine CPU milliseconds per stat, download, upload and compress() of one image."""
+    """CPU milliseconds per download, upload, stat and compress() of one image, each
+    measured alone with 4 threads through the worker's own clients: client process
+    plus the server that answered (image server or MinIO)."""
     storage = Storage(
         StorageSettings(stack.minio.endpoint, stack.minio.access_key, stack.minio.secret_key)
     )
     fetcher = Fetcher(WorkerSettings(allow_nets=parse_networks("127.0.0.1/32")).fetch_settings())
-    compressor = ThreadCompressor(CORES)  # as the worker compresses: dedicated threads
+    compressor = ThreadCompressor(CORES)
     blobs = [path.read_bytes() for path in images.files[:20]]
+    n = len(blobs)
     outputs = [compress(blob, CompressParams(quality=QUALITY)).data for blob in blobs]
     prefix = f"cost/{uuid.uuid4().hex[:8]}/"
-    operations: dict[str, Callable[[int], object]] = {
-        "stat (only a retried shard checks)": lambda i: storage.stat(stack.bucket, f"{prefix}{i}"),
-        "download over HTTP": lambda i: fetcher.fetch(
-            f"{stack.base_url}/img/{images.files[i % len(blobs)].name}"
+    base = stack.near.urls[0]
+    operations: dict[str, tuple[Callable[[int], object], int]] = {
+        "download": (lambda i: fetcher.fetch(f"{base}/img/{images.files[i % n].name}"), 4),
+        "upload": (
+            lambda i: storage.put(stack.bucket, f"{prefix}{i}", outputs[i % n], "image/jpeg"),
+            4,
         ),
-        "upload to MinIO": lambda i: storage.put(
-            stack.bucket, f"{prefix}{i}", outputs[i % len(outputs)], "image/jpeg"
-        ),
-        "compress()": lambda i: compressor.compress(
-            blobs[i % len(blobs)], CompressParams(quality=QUALITY)
+        "stat": (lambda i: storage.stat(stack.bucket, f"{prefix}{i}"), 4),
+        "compress()": (
+            lambda i: compressor.compress(blobs[i % n], CompressParams(quality=QUALITY)),
+            CORES,
         ),
     }
     costs = {}
-    for name, operation in operations.items():
-
-        def run_all(operation: Callable[[int], object] = operation) -> tuple[float | None, int]:
-            with ThreadPoolExecutor(CORES * 2) as pool:
-                list(pool.map(operation, range(samples)))
-            return None, 0
-
-        costs[name] = timed(run_all).cpu_seconds / samples * 1000
+    for name, (operation, threads) in operations.items():
+        before = (own_cpu(), process_cpu(stack.minio_pid), stack.servers_cpu())
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(operation, range(samples)))
+        after = (own_cpu(), process_cpu(stack.minio_pid), stack.servers_cpu())
+        costs[name] = sum(b - a for a, b in zip(before, after, strict=True)) / samples * 1000
     fetcher.close()
-    compressor.close()
+    storage.close()
     return costs
 
 
-# -- report ------------------------------------------------------------------------
+# -- the big PNGs ----------------------------------------------------------------------
+
+
+def transparent_pngs(directory: Path, size: int = 7000) -> list[Path]:
+    """Four PNGs of ``size`` x ``size`` with transparency; each decodes to 196 MB RGBA."""
+    directory.mkdir(parents=True)
+    rgba = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    ImageDraw.Draw(rgba).ellipse((size // 8, size // 8, size - size // 8, size // 2), "red")
+    palette = Image.new("P", (size, size), 0)
+    palette.putpalette([255, 255, 255, 200, 30, 30] + [0] * 762)
+    ImageDraw.Draw(palette).rectangle((size // 4, size // 4, size // 2, size // 2), 1)
+    grey = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(grey).ellipse((size // 3, size // 3, size // 2, size // 2), 180)
+    rgb = Image.new("RGB", (size, size), (0, 0, 0))
+    ImageDraw.Draw(rgb).rectangle((size // 2, size // 2, size - 10, size - 10), (20, 90, 200))
+    images: list[tuple[str, Image.Image, dict[str, Any]]] = [
+        ("rgba.png", rgba, {}),
+        ("palette-trns.png", palette, {"transparency": 0}),
+        ("grey-trns.png", grey, {"transparency": 0}),
+        ("rgb-trns.png", rgb, {"transparency": (0, 0, 0)}),
+    ]
+    for name, image, options in images:
+        image.save(directory / name, "PNG", **options)
+    return sorted(directory.iterdir())
+
+
+# -- the report ------------------------------------------------------------------------
 
 
 def machine() -> dict[str, str]:
@@ -367,55 +464,160 @@ def machine() -> dict[str, str]:
     }
 
 
-def report_set(images: ImageSet, results: dict[str, Measurement]) -> list[str]:
+def rate(images: ImageSet, run: Run) -> float:
+    return images.count / run.seconds
+
+
+def per_image_ms(images: ImageSet, seconds: float) -> float:
+    return seconds / images.count * 1000
+
+
+def io_ceiling(images: ImageSet, results: dict[str, Measurement], costs: dict[str, float]) -> float:
+    """Images/s two cores reach when every image costs codec + download + upload CPU."""
+    codec_ms = per_image_ms(images, results["ceiling"].best.total_cpu)
+    return CORES * 1000 / (codec_ms + costs["download"] + costs["upload"])
+
+
+def detail_table(images: ImageSet, results: dict[str, Measurement]) -> list[str]:
     ceiling = results["ceiling"].seconds
-    count = len(images.files)
     lines = [
-        f"### {images.name}: {count} JPEGs, {images.input_bytes / count / 1024:.0f} KiB each "
-        "on average",
+        f"#### {images.name}: {images.count} JPEGs, {images.input_bytes / images.count / 1024:.0f}"
+        " KiB each on average",
         "",
-        "| method | images/s | megapixels/s | vs (a) | machine CPU ms/image | avg output KiB "
-        "| note |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| method | images/s | MP/s | vs codec ceiling | CPU ms/image (by process) "
+        "| avg output KiB | note |",
+        "|---|---:|---:|---:|---|---:|---|",
     ]
     for measurement in results.values():
         best = measurement.best
-        cpu = f"{best.cpu_seconds / count * 1000:.1f}" if best.cpu_seconds else "(above)"
+        parts = " + ".join(
+            f"{name} {per_image_ms(images, seconds):.2f}" for name, seconds in best.cpu.items()
+        )
+        total = per_image_ms(images, best.total_cpu)
+        cpu = f"**{total:.2f}** = {parts}" if len(best.cpu) > 1 else f"{total:.2f} ({parts})"
         lines.append(
-            f"| {measurement.label} | {count / best.seconds:,.1f} "
+            f"| {measurement.label} | {rate(images, best):,.1f} "
             f"| {images.megapixels / best.seconds:,.1f} | {ceiling / best.seconds:.0%} "
-            f"| {cpu} "
-            f"| {best.output_bytes / count / 1024:.0f} | {measurement.note} |"
+            f"| {cpu if best.cpu else '-'} | {best.output_bytes / images.count / 1024:.0f} "
+            f"| {measurement.note} |"
         )
     return lines
 
 
-def verdicts(name: str, results: dict[str, Measurement], latency_ms: int) -> list[str]:
-    worker = results["worker"].seconds
-    ceiling = results["ceiling"].seconds
-    lines = [
-        f"- worker / (a) codec ceiling: **{ceiling / worker:.0%}** "
-        f"(target at least {TARGETS[name]:.0%}); timed from exec to exit, interpreter "
-        f"start-up included: {ceiling / results['worker-wall'].seconds:.0%}",
-        f"- worker / (c) naive loop: **{results['naive'].seconds / worker:.1f}x** "
-        f"(target at least 3x); with {latency_ms} ms server latency: "
-        f"**{results['naive-far'].seconds / results['worker-far'].seconds:.1f}x**",
-    ]
-    if "mogrify" in results:
-        lines.append(
-            f"- worker / (b) mogrify: **{results['mogrify'].seconds / worker:.1f}x** "
-            "(target above 1x)"
+def stage_line(summary: Mapping[str, Any]) -> str:
+    stages = summary.get("cpu_ms_per_image")
+    if not stages:
+        return "n/a"
+    return ", ".join(f"{name} {ms:.2f}" for name, ms in stages.items() if ms)
+
+
+def summary_table(
+    sets: list[ImageSet],
+    results: dict[str, dict[str, Measurement]],
+    costs: dict[str, dict[str, float]],
+    compare: bool,
+) -> list[str]:
+    header = "| | " + " | ".join(s.name for s in sets) + " |"
+    lines = [header, "|---|" + "---:|" * len(sets)]
+
+    def row(label: str, cell: Callable[[ImageSet], str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(cell(s) for s in sets) + " |")
+
+    def best(s: ImageSet, key: str) -> Run | None:
+        found = results[s.name].get(key)
+        return found.best if found and found.runs else None
+
+    def img_s(key: str) -> Callable[[ImageSet], str]:
+        def cell(s: ImageSet) -> str:
+            run = best(s, key)
+            return f"{rate(s, run):,.1f}" if run else "-"
+
+        return cell
+
+    row("**worker**, img/s", img_s("worker"))
+    if compare:
+        row("worker before (--compare), img/s", img_s("before"))
+    row("codec ceiling (Pillow in memory, 2 processes), img/s", img_s("ceiling"))
+    row(
+        "I/O-inclusive ceiling, img/s",
+        lambda s: f"{io_ceiling(s, results[s.name], costs[s.name]):,.1f}",
+    )
+
+    def ratio(
+        numerator: str, denominator: Callable[[ImageSet], float]
+    ) -> Callable[[ImageSet], str]:
+        def cell(s: ImageSet) -> str:
+            run = best(s, numerator)
+            return f"**{rate(s, run) / denominator(s):.0%}**" if run else "-"
+
+        return cell
+
+    row(
+        "worker / codec ceiling",
+        ratio("worker", lambda s: rate(s, results[s.name]["ceiling"].best)),
+    )
+    row(
+        f"worker / I/O-inclusive ceiling (target {IO_CEILING_TARGET:.0%})",
+        ratio("worker", lambda s: io_ceiling(s, results[s.name], costs[s.name])),
+    )
+    if compare:
+        row(
+            "worker before / I/O-inclusive ceiling",
+            ratio("before", lambda s: io_ceiling(s, results[s.name], costs[s.name])),
         )
-    else:
-        lines.append("- worker / (b) mogrify: not measured (ImageMagick is not installed)")
-    lines += [
-        f"- whole worker, compression in threads / in processes: "
-        f"**{results['worker-processes'].seconds / worker:.2f}x** faster, "
-        f"{results['worker-processes'].best.cpu_seconds / results['worker'].best.cpu_seconds:.2f}x"
-        " less machine CPU",
-        f"- codec in 2 threads, into a memory file descriptor / into io.BytesIO: "
-        f"**{results['threads-bytesio'].seconds / results['threads-memfd'].seconds:.2f}x**",
-    ]
+    row("parallel mogrify, img/s", img_s("mogrify"))
+
+    def versus_mogrify(s: ImageSet) -> str:
+        worker, mogrify = best(s, "worker"), best(s, "mogrify")
+        return f"**{mogrify.seconds / worker.seconds:.2f}x**" if worker and mogrify else "-"
+
+    row("worker / mogrify (target above 1x)", versus_mogrify)
+
+    def cpu_cell(key: str) -> Callable[[ImageSet], str]:
+        def cell(s: ImageSet) -> str:
+            run = best(s, key)
+            if not run:
+                return "-"
+            parts = "+".join(f"{per_image_ms(s, v):.2f}" for v in run.cpu.values())
+            return f"{per_image_ms(s, run.total_cpu):.2f} ({parts})"
+
+        return cell
+
+    def cpu_bound(key: str) -> Callable[[ImageSet], str]:
+        def cell(s: ImageSet) -> str:
+            run = best(s, key)
+            return f"{CORES * s.count / run.total_cpu:,.1f}" if run else "-"
+
+        return cell
+
+    row("worker, CPU-bound rate (2 cores / its CPU per image), img/s", cpu_bound("worker"))
+    row("CPU ms/image, worker run (worker+MinIO+image server)", cpu_cell("worker"))
+    if compare:
+        row("CPU ms/image, before (worker+MinIO+image server)", cpu_cell("before"))
+    row(
+        "CPU ms/image alone: codec + download + upload",
+        lambda s: (
+            f"{per_image_ms(s, results[s.name]['ceiling'].best.total_cpu):.2f} + "
+            f"{costs[s.name]['download']:.2f} + {costs[s.name]['upload']:.2f}"
+        ),
+    )
+    row(
+        "worker process CPU ms/image by stage",
+        lambda s: stage_line(best(s, "worker").summary) if best(s, "worker") else "-",  # type: ignore[union-attr]
+    )
+
+    def first_fetch(s: ImageSet) -> str:
+        runs = results[s.name]["worker"].runs
+        return f"{min(r.summary.get('cpu_ms_to_first_fetch') or 0 for r in runs):.0f}"
+
+    row("worker CPU ms to first fetch", first_fetch)
+    row("worker with maxDimension 1500 (JPEG draft), img/s", img_s("draft"))
+    row("WebP q50: worker, img/s", img_s("webp"))
+    row("WebP q50: codec ceiling, img/s", img_s("webp-ceiling"))
+    row(
+        "WebP q50: worker / codec ceiling",
+        ratio("webp", lambda s: rate(s, results[s.name]["webp-ceiling"].best)),
+    )
     return lines
 
 
@@ -426,75 +628,194 @@ def bench_set(
     stack: Stack,
     scratch: Path,
     latency_ms: int,
+    worker: str,
+    before: str | None,
+    extras: bool,
 ) -> dict[str, Measurement]:
-    print(f"{images.name}: {len(images.files)} images", flush=True)
-    walls: list[Run] = []
-
-    def worker(compress_in: str, base_url: str = "") -> tuple[float | None, int]:
-        wall, in_shard, produced = run_worker(images, stack, compress_in, base_url)
-        if compress_in == "threads" and not base_url:
-            walls.append(Run(wall, 0.0, produced))
-        return in_shard, produced
-
+    print(f"{images.name}: {images.count} images", flush=True)
     far = f"{latency_ms} ms server latency"
-    methods: dict[str, tuple[Measurement, Callable[[], tuple[float | None, int]]]] = {
+    methods: dict[str, tuple[Measurement, Callable[[], Run]]] = {
         "worker": (
-            Measurement(
-                "worker (imagebatch-worker)",
-                "the shipped default: HTTP fetch + compress in threads + upload to MinIO",
-            ),
-            lambda: worker("threads"),
-        ),
-        "worker-processes": (
-            Measurement("worker, compression in processes", "IMAGEBATCH_COMPRESS_IN=processes"),
-            lambda: worker("processes"),
+            Measurement("**worker** (imagebatch-worker)", "HTTP fetch + compress + upload"),
+            lambda: run_worker(worker, images.files, stack, stack.near),
         ),
         "ceiling": (
-            Measurement(
-                "(a) codec ceiling, 2 processes",
-                "Pillow decode + encode in memory, the worker's encoder options, no I/O",
-            ),
+            Measurement("codec ceiling, 2 processes", "Pillow in memory, worker's options"),
             lambda: codec_in_processes(images, pool),
         ),
-        "naive": (
-            Measurement("(c) naive loop: requests + Pillow + put_object", "sequential"),
-            lambda: run_naive(images, stack),
-        ),
-        "threads-bytesio": (
-            Measurement("codec, 2 threads, into io.BytesIO", "Pillow keeps the GIL"),
-            lambda: codec_in_threads(images, "bytesio"),
-        ),
-        "threads-memfd": (
-            Measurement("codec, 2 threads, into a memfd", "Pillow releases the GIL"),
-            lambda: codec_in_threads(images, "memfd"),
-        ),
-        "worker-far": (
-            Measurement(f"worker, {far}", "as an image host across the internet"),
-            lambda: worker("threads", stack.far_url),
-        ),
-        "naive-far": (
-            Measurement(f"(c) naive loop, {far}", "sequential: every wait adds up"),
-            lambda: run_naive(images, stack, stack.far_url),
-        ),
     }
+    if before:
+        methods["before"] = (
+            Measurement("worker before (--compare)", "the build compared against"),
+            lambda: run_worker(before, images.files, stack, stack.near),
+        )
     if shutil.which("mogrify"):
         methods["mogrify"] = (
-            Measurement("(b) mogrify -quality 50, 2 processes", "local files in and out"),
+            Measurement("mogrify -quality 50, 2 processes", "local files in and out"),
             lambda: run_mogrify(images, scratch / f"mogrify-{images.name}"),
         )
-    run_worker(images, stack, "threads")  # warm the page cache and MinIO
+    if not extras:
+        methods["draft"] = (
+            Measurement(
+                "worker, maxDimension 1500",
+                "libjpeg decodes at 1/2 scale (draft), then a resize to 1500x1125",
+            ),
+            lambda: run_worker(worker, images.files, stack, stack.near, max_dimension=1500),
+        )
+    if extras:
+        methods |= {
+            "processes": (
+                Measurement("worker, compression in processes", "IMAGEBATCH_COMPRESS_IN"),
+                lambda: run_worker(
+                    worker, images.files, stack, stack.near, IMAGEBATCH_COMPRESS_IN="processes"
+                ),
+            ),
+            "webp": (
+                Measurement("worker, WebP q50", "format webp"),
+                lambda: run_worker(worker, images.files, stack, stack.near, "webp"),
+            ),
+            "webp-ceiling": (
+                Measurement("codec ceiling, WebP q50, 2 processes", "Pillow in memory"),
+                lambda: codec_in_processes(images, pool, "webp"),
+            ),
+            "naive": (
+                Measurement("naive loop: requests + Pillow + put_object", "sequential"),
+                lambda: run_naive(images, stack, stack.near),
+            ),
+            "threads-bytesio": (
+                Measurement("codec, 2 threads, into io.BytesIO", "Pillow keeps the GIL"),
+                lambda: codec_in_threads(images, "bytesio"),
+            ),
+            "threads-memfd": (
+                Measurement("codec, 2 threads, into a memfd", "Pillow releases the GIL"),
+                lambda: codec_in_threads(images, "memfd"),
+            ),
+            "worker-far": (
+                Measurement(f"worker, {far}", "one image host across the internet"),
+                lambda: run_worker(worker, images.files, stack, stack.far),
+            ),
+            "naive-far": (
+                Measurement(f"naive loop, {far}", "sequential: every wait adds up"),
+                lambda: run_naive(images, stack, stack.far),
+            ),
+        }
+    run_worker(worker, images.files, stack, stack.near)  # warm the page cache and MinIO
     for round_number in range(1, rounds + 1):
         for measurement, work in methods.values():
-            run = timed(work)
+            run = work()
             measurement.runs.append(run)
             print(f"  round {round_number}: {measurement.label}: {run.seconds:.2f}s", flush=True)
-    results = {name: measurement for name, (measurement, _) in methods.items()}
-    results["worker-wall"] = Measurement(
-        "worker, whole process",
-        "the default's runs timed from exec to exit: interpreter start and imports included",
-        walls,
-    )
+    return {name: measurement for name, (measurement, _) in methods.items()}
+
+
+def bench_hosts(
+    images: ImageSet, rounds: int, stack: Stack, worker: str, before: str | None
+) -> dict[str, Measurement]:
+    """The same images from one host and from HOSTS hosts, all with the latency."""
+    methods: dict[str, Callable[[str], Run]] = {
+        "one host": lambda script: run_worker(script, images.files, stack, stack.far),
+        f"{HOSTS} hosts": lambda script: run_worker(script, images.files, stack, stack.hosts),
+    }
+    results: dict[str, Measurement] = {}
+    scripts = {"": worker} | ({" (before)": before} if before else {})
+    for _ in range(rounds):
+        for label, work in methods.items():
+            for suffix, script in scripts.items():
+                name = label + suffix
+                results.setdefault(name, Measurement(name, "")).runs.append(work(script))
+                print(f"  {name}: {results[name].runs[-1].seconds:.2f}s", flush=True)
     return results
+
+
+def bench_memory(
+    files: list[Path], stack: Stack, worker: str, before: str | None
+) -> dict[str, Run]:
+    runs = {
+        "no memory limit": run_worker(worker, files, stack, stack.big),
+        "IMAGEBATCH_MEMORY_LIMIT=1 GiB": run_worker(
+            worker, files, stack, stack.big, IMAGEBATCH_MEMORY_LIMIT=str(MEMORY_LIMIT)
+        ),
+    }
+    if before:
+        runs["before (--compare), no budget"] = run_worker(before, files, stack, stack.big)
+    for name, run in runs.items():
+        print(f"  memory: {name}: peak {run.peak_rss / MIB:.0f} MiB", flush=True)
+    return runs
+
+
+@dataclass
+class Profiles:
+    after: dict[str, profile.Profile] = field(default_factory=dict)
+    before: dict[str, profile.Profile] = field(default_factory=dict)
+
+
+def record_profiles(
+    sets: list[ImageSet],
+    stack: Stack,
+    scripts: dict[str, str],
+    out_dir: Path,
+    source_roots: dict[str, list[Path]],
+    rate_hz: int = 400,
+) -> Profiles:
+    profiles = Profiles()
+    for images in sets:
+        for which, script in scripts.items():
+            prefix = f"profile/{uuid.uuid4().hex[:8]}/"
+            urls = [f"{stack.near.urls[0]}/img/{p.name}" for p in images.files]
+            write_manifest(stack.client, stack.bucket, prefix, urls)
+            raw = out_dir / f"profile-{which}-{images.name}.txt"
+            profile.record([script, "--shard", "0"], worker_env(stack, prefix), raw, rate_hz)
+            loaded = profile.load(raw, source_roots[which], rate_hz)
+            getattr(profiles, which)[images.name] = loaded
+            svg = out_dir / f"flame-worker-{which}-{images.name}.svg"
+            svg.write_text(
+                profile.flamegraph_svg(
+                    loaded, f"worker ({which}), {images.name}: Python time (GIL held)"
+                )
+            )
+            print(f"  profile {which} {images.name}: {loaded.samples} samples", flush=True)
+    return profiles
+
+
+def profile_table(sets: list[ImageSet], profiles: Profiles) -> list[str]:
+    columns = [(images, which) for images in sets for which in ("before", "after")]
+    columns = [(i, w) for i, w in columns if i.name in getattr(profiles, w)]
+    lines = [
+        "| cost | " + " | ".join(f"{i.name} {w}" for i, w in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    counted = {(i.name, w): profile.categorize(getattr(profiles, w)[i.name]) for i, w in columns}
+    names = list(next(iter(counted.values())).keys()) if counted else []
+    for name in names:
+        cells = []
+        for images, which in columns:
+            loaded = getattr(profiles, which)[images.name]
+            samples = counted[(images.name, which)][name]
+            ms = samples / loaded.rate / images.count * 1000
+            cells.append(f"{ms:.3f} ({samples / max(loaded.samples, 1):.0%})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    totals = []
+    for images, which in columns:
+        loaded = getattr(profiles, which)[images.name]
+        totals.append(f"**{loaded.samples / loaded.rate / images.count * 1000:.3f}**")
+    lines.append("| all Python time (GIL held), ms/image | " + " | ".join(totals) + " |")
+    return lines
+
+
+def source_roots_for(script: str) -> list[Path]:
+    """Where the modules a worker script imports live, to read its profile's lines."""
+    venv = Path(script).resolve().parent.parent
+    roots = [venv.parent / "worker", venv.parent / "common"]
+    roots += sorted(venv.glob("lib/python3*/site-packages"))
+    roots.append(Path(os.__file__).parent)
+    return roots
+
+
+@contextmanager
+def load_average() -> Iterator[list[str]]:
+    readings = [" ".join(Path("/proc/loadavg").read_text().split()[:3])]
+    yield readings
+    readings.append(" ".join(Path("/proc/loadavg").read_text().split()[:3]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -502,22 +823,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports/bench-worker.md"))
     parser.add_argument("--large", type=int, default=120, help="how many 1920x1080 images")
     parser.add_argument("--small", type=int, default=500, help="how many 640x480 images")
+    parser.add_argument("--huge", type=int, default=16, help="how many 4000x3000 images")
     parser.add_argument("--rounds", type=int, default=3, help="runs per method; best is kept")
+    parser.add_argument("--latency-ms", type=int, default=20, help="far servers' latency")
     parser.add_argument(
-        "--latency-ms", type=int, default=20, help="server latency of the far scenario"
+        "--compare", help="another worker console script to measure beside this one (before)"
     )
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     args = parser.parse_args(argv)
 
+    worker = default_worker()
+    before = args.compare
     info = machine()
-    load_before = Path("/proc/loadavg").read_text().split()[:3]
     print(f"machine: {info}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-worker-") as temporary:
-        scratch = Path(temporary)
+    with load_average() as load, tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
+        scratch = Path(tmp)
         started = time.perf_counter()
         sets = [
             generate("1920x1080", 1920, 1080, args.large, scratch / "images"),
             generate("640x480", 640, 480, args.small, scratch / "images"),
+            generate("4000x3000", 4000, 3000, args.huge, scratch / "images"),
         ]
+        big = transparent_pngs(scratch / "big")
+        big_sizes = [path.stat().st_size for path in big]
         print(f"generated images in {time.perf_counter() - started:.0f}s", flush=True)
         serve = scratch / "serve"
         serve.mkdir()
@@ -526,103 +854,177 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.link(path, serve / path.name)
 
         context: Any = get_context("spawn")
-        with (
-            LocalCluster(kubernetes=False) as cluster,
-            directory_server_process(serve) as base_url,
-            directory_server_process(serve, args.latency_ms / 1000) as far_url,
-            ProcessPoolExecutor(CORES, mp_context=context) as pool,
-        ):
+        latency = args.latency_ms / 1000
+        with ExitStack() as stack_of:
+            cluster = stack_of.enter_context(LocalCluster(kubernetes=False))
+            near = stack_of.enter_context(file_servers_process(serve))
+            far = stack_of.enter_context(file_servers_process(serve, latency))
+            hosts = stack_of.enter_context(file_servers_process(serve, latency, HOSTS))
+            big_server = stack_of.enter_context(file_servers_process(scratch / "big"))
+            pool = stack_of.enter_context(ProcessPoolExecutor(CORES, mp_context=context))
             assert cluster.minio is not None
             minio = cluster.minio
-            client = Minio(
-                minio.endpoint,
-                access_key=minio.access_key,
-                secret_key=minio.secret_key,
-                secure=False,
-            )
-            stack = Stack(minio, client, "bench", base_url, far_url)
-            client.make_bucket(stack.bucket)
-            for future in [pool.submit(_warm) for _ in range(CORES)]:  # start the processes
+            minio_pid = next(p.pid for name, p in cluster.processes if name == "minio")
+            stack = Stack(minio, minio_pid, minio.client(), "bench", near, far, hosts, big_server)
+            stack.client.make_bucket(stack.bucket)
+            for future in [pool.submit(_warm) for _ in range(CORES)]:
                 future.result()
             results = {
                 image_set.name: bench_set(
-                    image_set, args.rounds, pool, stack, scratch, args.latency_ms
+                    image_set,
+                    args.rounds,
+                    pool,
+                    stack,
+                    scratch,
+                    args.latency_ms,
+                    worker,
+                    before,
+                    extras=image_set.name != "4000x3000",
                 )
                 for image_set in sets
             }
-            costs = {image_set.name: per_image_costs(image_set, stack, 200) for image_set in sets}
-            start_up = worker_start_up(stack)
-    load_after = Path("/proc/loadavg").read_text().split()[:3]
+            costs = {s.name: per_image_costs(s, stack, 60 if s.width > 2000 else 200) for s in sets}
+            print("hosts", flush=True)
+            hosts_results = bench_hosts(sets[1], args.rounds, stack, worker, before)
+            print("memory", flush=True)
+            memory = bench_memory(big, stack, worker, before)
+            start_up = {"after": start_up_cpu(worker, stack)}
+            if before:
+                start_up["before"] = start_up_cpu(before, stack)
+            profiles = Profiles()
+            if not args.no_profile and profile.py_spy():
+                scripts = {"after": worker} | ({"before": before} if before else {})
+                roots = {which: source_roots_for(script) for which, script in scripts.items()}
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                profiles = record_profiles(sets[:2], stack, scripts, args.out.parent, roots)
 
+    report = render(
+        args, info, load, sets, results, costs, hosts_results, memory, start_up, profiles, big_sizes
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(report)
+    return 0
+
+
+def render(
+    args: argparse.Namespace,
+    info: dict[str, str],
+    load: list[str],
+    sets: list[ImageSet],
+    results: dict[str, dict[str, Measurement]],
+    costs: dict[str, dict[str, float]],
+    hosts: dict[str, Measurement],
+    memory: dict[str, Run],
+    start_up: dict[str, float],
+    profiles: Profiles,
+    big: list[int],
+) -> str:
+    compare = bool(args.compare)
     lines = [
         "# Worker benchmark",
         "",
         "Generated by `python -m tests.bench.bench_worker`. Photograph-like JPEGs (gradients, "
         "grain, edges; quality 90) are served over HTTP on 127.0.0.1 by a separate process; "
-        "outputs go to a local MinIO. All of it shares the same two cores: the HTTP server, "
-        "MinIO and the kernel's loopback networking run beside the worker and the naive "
-        "loop, while the codec ceiling and mogrify read local files. Methods ran "
+        "outputs go to a local MinIO. All of it shares the same two cores. Methods ran "
         f"interleaved, {args.rounds} rounds; each figure is the method's best run. JPEG "
-        f"quality {QUALITY}. *Machine CPU* is busy CPU time of the whole machine (all "
-        "processes and the kernel) per image during that run; for the worker it covers the "
-        "whole process, start-up included, while its images/s count from manifest read to "
-        "result written, as the worker's own summary line reports.",
+        f"quality {QUALITY}. A worker's images/s count from manifest read to result written "
+        "(its own summary line). CPU is per process: the worker (wait4), MinIO and the image "
+        "servers (/proc), the codec processes and mogrify themselves.",
+        "",
+        "The I/O-inclusive ceiling is 2 cores / (codec CPU + download CPU + upload CPU) per "
+        "image: the codec's CPU from the codec-ceiling run, the download and upload each "
+        "measured alone through the worker's own clients, server CPU included.",
         "",
         "## Machine",
         "",
         *[f"- {name}: {value}" for name, value in info.items()],
-        f"- load average before / after: {' '.join(load_before)} / {' '.join(load_after)}",
+        f"- load average before / after: {load[0]} / {load[-1]}",
         "",
-        "## Results",
+        "## Summary",
+        "",
+        *summary_table(sets, results, costs, compare),
+        "",
+        f"Start-up: a worker process that finds no manifest costs "
+        f"{start_up['after'] * 1000:.0f} ms of CPU"
+        + (f" (before: {start_up['before'] * 1000:.0f} ms)" if "before" in start_up else "")
+        + "; the CPU to the first fetch, from the worker's own summary, is in the table.",
+        "",
+        "## Every method",
         "",
     ]
     for image_set in sets:
-        lines += report_set(image_set, results[image_set.name])
-        lines += ["", *verdicts(image_set.name, results[image_set.name], args.latency_ms), ""]
+        lines += [*detail_table(image_set, results[image_set.name]), ""]
     lines += [
         "## What one image costs besides the codec",
         "",
-        "Machine CPU milliseconds per operation, measured alone with 4 threads, through the "
-        "worker's own fetcher and storage client: everything an image needs on top of "
-        "`compress()` is paid on the same two cores in the worker run, and not at all in "
-        "the codec ceiling.",
+        "CPU milliseconds per operation, each measured alone with 4 threads through the "
+        "worker's own fetcher and storage client (client process + the server that answered).",
         "",
-        "| operation | " + " | ".join(image_set.name for image_set in sets) + " |",
+        "| operation | " + " | ".join(s.name for s in sets) + " |",
         "|---|" + "---:|" * len(sets),
     ]
     for operation in costs[sets[0].name]:
         lines.append(
-            f"| {operation} | "
-            + " | ".join(f"{costs[image_set.name][operation]:.1f}" for image_set in sets)
-            + " |"
+            f"| {operation} | " + " | ".join(f"{costs[s.name][operation]:.2f}" for s in sets) + " |"
+        )
+    small = sets[1]
+    lines += [
+        "",
+        f"## {HOSTS} image hosts, {args.latency_ms} ms latency each ({small.name})",
+        "",
+        "The same images spread round-robin over one host or "
+        f"{HOSTS} (one port each): whether connection reuse per host matters.",
+        "",
+        "| method | images/s | CPU ms/image (worker+MinIO+servers) |",
+        "|---|---:|---:|",
+    ]
+    for measurement in hosts.values():
+        best = measurement.best
+        lines.append(
+            f"| {measurement.label} | {rate(small, best):,.1f} "
+            f"| {per_image_ms(small, best.total_cpu):.2f} |"
         )
     lines += [
         "",
-        f"A worker process costs {start_up * 1000:.0f} ms of machine CPU to start (interpreter, "
-        "imports) before its first image. Where the worker's extra machine CPU per image "
-        "goes, against the ceiling, start-up taken out:",
+        f"## Memory: {len(big)} PNGs of 7000x7000 with transparency in one shard",
         "",
+        f"Files of {', '.join(f'{size // 1024} KiB' for size in big)}; each "
+        "decodes to 49 million pixels. Peak RSS of the worker process (wait4).",
+        "",
+        "| run | peak RSS MiB | seconds | images waited for memory | peak reserved MiB |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for image_set in sets:
-        count = len(image_set.files)
-        worker_cpu = results[image_set.name]["worker"].best.cpu_seconds - start_up
-        worker_ms = worker_cpu / count * 1000
-        ceiling_ms = results[image_set.name]["ceiling"].best.cpu_seconds / count * 1000
-        # A first attempt trusts the plan and does not stat (see ShardImage.stored).
-        io_ms = sum(
-            value
-            for name, value in costs[image_set.name].items()
-            if name in ("download over HTTP", "upload to MinIO")
-        )
+    for name, run in memory.items():
         lines.append(
-            f"- {image_set.name}: worker {worker_ms:.1f} ms, ceiling {ceiling_ms:.1f} ms; the "
-            f"download and upload measured alone account for {io_ms:.1f} of the "
-            f"{worker_ms - ceiling_ms:.1f} ms difference (a first attempt makes no stat)."
+            f"| {name} | **{run.peak_rss / MIB:,.0f}** | {run.seconds:.1f} "
+            f"| {run.summary.get('images_waited_for_memory', '-')} "
+            f"| {run.summary.get('memory_peak_reserved_mib', '-')} |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    if not profiles.after:
+        lines += ["", "Profiles were not recorded (--no-profile, or py-spy is not installed)."]
+    if profiles.after:
+        lines += [
+            "",
+            "## Where the worker's Python time goes",
+            "",
+            "py-spy samples of the thread holding the GIL (`py-spy record --gil`), one shard "
+            "per size: the worker's Python-level CPU; the codec's own work runs without the "
+            "GIL and is the codec ceiling. When no thread holds the GIL (all in the codec or "
+            "waiting), py-spy counts the thread that held it last, and its pauses slow the "
+            "worker: read the shares more than the milliseconds. Each stack is counted once, "
+            "under the first matching cost (tests/bench/profile.py).",
+            "",
+            *profile_table(sets[:2], profiles),
+            "",
+            "Flame graphs: "
+            + ", ".join(
+                f"[{which} {name}](flame-worker-{which}-{name}.svg)"
+                for which, found in (("before", profiles.before), ("after", profiles.after))
+                for name in found
+            ),
+        ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

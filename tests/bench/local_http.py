@@ -339,33 +339,51 @@ ROUTES: dict[str, _Route] = {
 # -- a file server in its own process, for the benchmark ------------------------
 
 
-def _serve_directory(directory: str, ports: Any, latency: float) -> None:
+def _serve_directory(directory: str, ports: Any, latency: float, count: int) -> None:
     files = {path.name: path.read_bytes() for path in Path(directory).iterdir()}
-    server = LocalHTTPServer(files, latency=latency).start()
-    ports.put(server.port)
-    server.stopping.wait()
+    servers = [LocalHTTPServer(files, latency=latency).start() for _ in range(count)]
+    ports.put([server.port for server in servers])
+    servers[0].stopping.wait()
+
+
+@dataclass
+class FileServers:
+    """``count`` HTTP servers in one separate process serving one directory's files."""
+
+    urls: list[str]  # one base URL per server, each its own host:port
+    pid: int  # the serving process, for its CPU time
 
 
 @contextmanager
-def directory_server_process(directory: Path, latency: float = 0.0) -> Iterator[str]:
-    """Serve ``directory``'s files as ``/img/<name>`` from a separate process.
+def file_servers_process(
+    directory: Path, latency: float = 0.0, count: int = 1
+) -> Iterator[FileServers]:
+    """Serve ``directory``'s files as ``/img/<name>`` on ``count`` ports of another process.
 
-    A separate process keeps the server's Python off the measured process's GIL.
-    ``latency`` delays each answer, as a server across the internet would. Yields the
-    base URL.
+    A separate process keeps the servers' Python off the measured process's GIL.
+    ``latency`` delays each answer, as a server across the internet would; ``count``
+    servers stand for that many image hosts (each port is its own origin to a client).
     """
     context = multiprocessing.get_context("spawn")
     ports = context.Queue()
     process = context.Process(
-        target=_serve_directory, args=(str(directory), ports, latency), daemon=True
+        target=_serve_directory, args=(str(directory), ports, latency, count), daemon=True
     )
     process.start()
     try:
-        port = ports.get(timeout=60)
-        yield f"http://127.0.0.1:{port}"
+        numbers = ports.get(timeout=120)
+        assert process.pid is not None
+        yield FileServers([f"http://127.0.0.1:{port}" for port in numbers], process.pid)
     finally:
         process.terminate()
         process.join(timeout=10)
+
+
+@contextmanager
+def directory_server_process(directory: Path, latency: float = 0.0) -> Iterator[str]:
+    """Like ``file_servers_process`` with one server; yields its base URL."""
+    with file_servers_process(directory, latency) as servers:
+        yield servers.urls[0]
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
