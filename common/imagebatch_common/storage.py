@@ -128,6 +128,8 @@ class _S3Requests:
         self.settings = settings
         self.retries = retries
         self.timeout = timeout
+        if "/" in settings.endpoint:  # as the SDK refuses it: host:port, no scheme or path
+            raise ValueError(f"storage endpoint {settings.endpoint!r} is not host:port")
         host, _, port = settings.endpoint.rpartition(":")
         if not host or not port.isdigit():
             host, port = settings.endpoint, "443" if settings.secure else "80"

@@ -488,10 +488,18 @@ def test_console_script_finishes_a_shard(
         ({"JOB_COMPLETION_INDEX": "5"}, EXIT_PERMANENT),  # no manifest for index 5
         ({"MINIO_ENDPOINT": "127.0.0.1:{closed}"}, EXIT_RETRY),
         ({"MINIO_SECRET_KEY": ""}, EXIT_PERMANENT),  # configuration the pod cannot fix
+        ({"MINIO_ENDPOINT": "http://127.0.0.1:9000"}, EXIT_PERMANENT),  # not host:port
         ({"IMAGEBATCH_MAX_PIXELS": "many"}, EXIT_PERMANENT),
         ({"JOB_COMPLETION_INDEX": ""}, EXIT_PERMANENT),
     ],
-    ids=["missing-manifest", "storage-down", "no-credentials", "bad-limit", "no-index"],
+    ids=[
+        "missing-manifest",
+        "storage-down",
+        "no-credentials",
+        "endpoint-with-scheme",
+        "bad-limit",
+        "no-index",
+    ],
 )
 def test_console_script_exit_codes(
     minio_server: MinioServer, bucket: str, change: dict[str, str], expected: int

@@ -1,16 +1,16 @@
-"""Where ``compress()`` runs: on a few dedicated threads, or in a pool of processes.
+"""Where ``compress()`` runs: on the runner's compression threads, or in a pool of processes.
 
-The runner's threads spend most of their time waiting on the network; compression is
-the CPU work, bounded here to the CPUs the pod may use, and to the memory it may use:
-every image holds its estimated peak of the shared ``MemoryBudget`` while it decodes
-and encodes. Two ways, chosen by ``WorkerSettings.compress_in`` and compared by
-``tests/bench/bench_worker.py``:
+The runner's download and upload threads spend most of their time waiting on the
+network; compression is the CPU work, bounded to the CPUs the pod may use (the number
+of compression threads) and to the memory it may use: every image holds its estimated
+peak of the shared ``MemoryBudget`` while it decodes and encodes. Two ways, chosen by
+``WorkerSettings.compress_in`` and compared by ``tests/bench/bench_worker.py``:
 
-* ``threads`` (the default): a few dedicated threads. Pillow releases the GIL while it
-  decodes, resizes and encodes into a file descriptor, so threads use every core; no
-  image bytes are copied between processes, and on a two-core machine this measured
-  faster and cheaper in CPU per image than the pool below. Pillow is imported by the
-  first compression, on its thread, while the first downloads are under way.
+* ``threads`` (the default): each compression thread compresses in place. Pillow
+  releases the GIL while it decodes, resizes and encodes into a file descriptor, so
+  threads use every core; no image bytes are copied between processes, and on a two-core
+  machine this measured faster and cheaper in CPU per image than the pool below. Pillow
+  is imported by the first compression, while the first downloads are under way.
 * ``processes``: a pool of worker processes. No GIL is shared with the threads doing
   HTTP and storage requests, and a decoder that crashes or is killed for memory takes
   one pool down, not the pod: the image is tried once more on a fresh pool and, if it

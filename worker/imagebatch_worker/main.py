@@ -39,13 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = JsonLog()
     try:
         settings = WorkerSettings.from_env()
-        storage_settings = StorageSettings.from_env()
+        storage = Storage(StorageSettings.from_env())
         location = ShardLocation.from_env(index=args.shard)
     except ValueError as error:
         log.emit("shard_failed", reason="configuration", error=str(error), exit=EXIT_PERMANENT)
         return EXIT_PERMANENT
     try:
-        return ShardRunner(settings, Storage(storage_settings), log=log).run(location)
+        return ShardRunner(settings, storage, log=log).run(location)
     except Exception as error:  # unknown trouble: let the Job try the index again
         log.emit(
             "shard_failed",

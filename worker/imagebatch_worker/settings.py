@@ -86,7 +86,7 @@ class WorkerSettings:
     # Networks the fetcher may reach although they are not global (loopback, private,
     # ...). Empty by default: only public addresses (IMAGEBATCH_ALLOW_NETS, CIDRs).
     allow_nets: tuple[IPNetwork, ...] = ()
-    # Images in flight at once: downloads and uploads overlap with compression
+    # Downloads in flight at once, and as many uploads: both overlap with compression
     # (IMAGEBATCH_CONCURRENCY).
     concurrency: int = 8
     # Images compressed at once; defaults to the CPUs the pod may use
