@@ -755,7 +755,6 @@ def record_profiles(
     scripts: dict[str, str],
     out_dir: Path,
     source_roots: dict[str, list[Path]],
-    rate_hz: int = 400,
 ) -> Profiles:
     profiles = Profiles()
     for images in sets:
@@ -764,16 +763,18 @@ def record_profiles(
             urls = [f"{stack.near.urls[0]}/img/{p.name}" for p in images.files]
             write_manifest(stack.client, stack.bucket, prefix, urls)
             raw = out_dir / f"profile-{which}-{images.name}.txt"
-            profile.record([script, "--shard", "0"], worker_env(stack, prefix), raw, rate_hz)
-            loaded = profile.load(raw, source_roots[which], rate_hz)
+            finished = profile.record(script, ["--shard", "0"], worker_env(stack, prefix), raw)
+            if finished.returncode != 0:
+                raise SystemExit(f"profiled worker exited {finished.returncode}")
+            loaded = profile.load(raw, source_roots[which])
             getattr(profiles, which)[images.name] = loaded
             svg = out_dir / f"flame-worker-{which}-{images.name}.svg"
             svg.write_text(
                 profile.flamegraph_svg(
-                    loaded, f"worker ({which}), {images.name}: Python time (GIL held)"
+                    loaded, f"worker ({which}), {images.name}: CPU time by Python stack"
                 )
             )
-            print(f"  profile {which} {images.name}: {loaded.samples} samples", flush=True)
+            print(f"  profile {which} {images.name}: {loaded.seconds:.2f} s CPU", flush=True)
     return profiles
 
 
@@ -790,15 +791,15 @@ def profile_table(sets: list[ImageSet], profiles: Profiles) -> list[str]:
         cells = []
         for images, which in columns:
             loaded = getattr(profiles, which)[images.name]
-            samples = counted[(images.name, which)][name]
-            ms = samples / loaded.rate / images.count * 1000
-            cells.append(f"{ms:.3f} ({samples / max(loaded.samples, 1):.0%})")
+            weight = counted[(images.name, which)][name]
+            ms = weight * loaded.unit / images.count * 1000
+            cells.append(f"{ms:.3f} ({weight / max(loaded.samples, 1):.0%})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     totals = []
     for images, which in columns:
         loaded = getattr(profiles, which)[images.name]
-        totals.append(f"**{loaded.samples / loaded.rate / images.count * 1000:.3f}**")
-    lines.append("| all Python time (GIL held), ms/image | " + " | ".join(totals) + " |")
+        totals.append(f"**{loaded.seconds / images.count * 1000:.3f}**")
+    lines.append("| the worker process's CPU, ms/image | " + " | ".join(totals) + " |")
     return lines
 
 
@@ -892,7 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if before:
                 start_up["before"] = start_up_cpu(before, stack)
             profiles = Profiles()
-            if not args.no_profile and profile.py_spy():
+            if not args.no_profile:
                 scripts = {"after": worker} | ({"before": before} if before else {})
                 roots = {which: source_roots_for(script) for which, script in scripts.items()}
                 args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -1002,18 +1003,22 @@ def render(
             f"| {run.summary.get('memory_peak_reserved_mib', '-')} |"
         )
     if not profiles.after:
-        lines += ["", "Profiles were not recorded (--no-profile, or py-spy is not installed)."]
+        lines += ["", "Profiles were not recorded (--no-profile)."]
     if profiles.after:
         lines += [
             "",
-            "## Where the worker's Python time goes",
+            "## Where the worker's CPU goes",
             "",
-            "py-spy samples of the thread holding the GIL (`py-spy record --gil`), one shard "
-            "per size: the worker's Python-level CPU; the codec's own work runs without the "
-            "GIL and is the codec ceiling. When no thread holds the GIL (all in the codec or "
-            "waiting), py-spy counts the thread that held it last, and its pauses slow the "
-            "worker: read the shares more than the milliseconds. Each stack is counted once, "
-            "under the first matching cost (tests/bench/profile.py).",
+            "One shard per size under tests/bench/cpu_sampler.py: every millisecond each "
+            "thread's CPU clock is read and the CPU it used since is charged to the Python "
+            "stack it is in (time in C, the codec or a socket call, to the frame that called "
+            "it). A short burst followed by a wait is charged at the wait, in the same thread "
+            "and stage: the hand-over row holds the queue operations and what ran just before "
+            "them. Each stack is counted once, under the first matching cost "
+            "(tests/bench/profile.py), in CPU ms per image and share of the process; the "
+            "worker's own per-stage CPU clocks (the summary table) are exact. py-spy's "
+            "`--gil` mode was tried first: when no thread holds the GIL it charges the thread "
+            "that held it last, which put half of a shard on lines that take microseconds.",
             "",
             *profile_table(sets[:2], profiles),
             "",

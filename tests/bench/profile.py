@@ -1,12 +1,14 @@
-"""Where a worker's Python time goes: py-spy samples, sorted into the costs we look for.
+"""Where a worker's CPU goes: stacks charged with CPU time, sorted into the costs we look for.
 
-``record(command, env, out)`` runs the worker under ``py-spy record --gil``: only the
-thread holding the GIL is sampled, so the samples are the worker's Python-level CPU
-(the codec's own work runs without the GIL and is measured apart, as the codec
-ceiling). ``categorize`` sorts every sampled stack into one of the costs the worker
-issue asks about (thread hand-over, log lines, hashing, metadata dicts, buffer copies,
-the storage client's signing and request building, the result manifest), and
-``flamegraph_svg`` draws the samples as a flame graph.
+``record(command, env, out)`` runs a worker under ``cpu_sampler`` (each thread's CPU
+clock charged to the Python stack it is in; a thread in C, the codec or a socket call,
+charges the frame that called it). ``categorize`` sorts every stack into one of the
+costs the worker issue asks about (thread hand-over, log lines, hashing, metadata
+dicts, buffer copies, the storage client's signing and request building, the result
+manifest, the codec and the Python around it), and ``flamegraph_svg`` draws the
+stacks as a flame graph. A stack counts under the first cost it matches, so a socket
+wait inside the storage client is the storage client's. ``load`` also reads py-spy's
+raw output (samples instead of microseconds).
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from __future__ import annotations
 import html
 import linecache
 import re
-import shutil
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,42 +39,34 @@ class Frame:
 
 @dataclass
 class Profile:
-    """Folded stacks (root first) and how many samples each got."""
+    """Folded stacks (root first) and their weights, ``unit`` seconds each."""
 
     stacks: Counter[tuple[Frame, ...]] = field(default_factory=Counter)
-    rate: int = 0
+    unit: float = 1e-6  # the sampler's weights are microseconds of CPU
 
     @property
     def samples(self) -> int:
         return sum(self.stacks.values())
 
+    @property
+    def seconds(self) -> float:
+        return self.samples * self.unit
 
-def py_spy() -> str | None:
-    found = shutil.which("py-spy", path=str(Path(sys.executable).parent))
-    return found or shutil.which("py-spy")
+
+SAMPLER = Path(__file__).with_name("cpu_sampler.py")
 
 
 def record(
-    command: Sequence[str], env: Mapping[str, str], out: Path, rate: int = 400
+    worker_script: str, arguments: Sequence[str], env: Mapping[str, str], out: Path
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` under py-spy (GIL holders only), raw samples into ``out``."""
-    spy = py_spy()
-    if spy is None:
-        raise RuntimeError("py-spy is not installed")
+    """Run a worker build under the CPU sampler, folded stacks into ``out``.
+
+    The sampler runs in the interpreter next to ``worker_script``, so it profiles the
+    build that script belongs to.
+    """
+    python = Path(worker_script).parent / "python"
     return subprocess.run(
-        [
-            spy,
-            "record",
-            "--gil",
-            "--rate",
-            str(rate),
-            "--format",
-            "raw",
-            "-o",
-            str(out),
-            "--",
-            *command,
-        ],
+        [str(python), str(SAMPLER), str(out), *arguments],
         env=dict(env),
         capture_output=True,
         text=True,
@@ -82,9 +74,9 @@ def record(
     )
 
 
-def load(path: Path, source_roots: Sequence[Path], rate: int) -> Profile:
-    """Read py-spy's raw output; look source lines up under ``source_roots``."""
-    profile = Profile(rate=rate)
+def load(path: Path, source_roots: Sequence[Path], unit: float = 1e-6) -> Profile:
+    """Read folded stacks; look source lines up under ``source_roots``."""
+    profile = Profile(unit=unit)
     for raw in path.read_text().splitlines():
         stack, _, count = raw.rpartition(" ")
         if not stack or not count.isdigit():
@@ -128,8 +120,11 @@ def _named(*names: str) -> Callable[[Frame], bool]:
 # First match wins; each rule looks at the whole stack, leaf last.
 CATEGORIES: list[tuple[str, Callable[[Sequence[Frame]], bool]]] = [
     (
-        "start-up: imports, settings, manifest",
-        lambda s: _any(s, _named("_find_and_load", "<module>", "_load_manifest", "from_env")),
+        "start-up: interpreter, imports, settings, manifest",
+        lambda s: (
+            len(s) == 1
+            or _any(s, _named("_find_and_load", "_load_manifest", "from_env", "_first_attempt"))
+        ),
     ),
     (
         "result manifest and summary",
@@ -162,19 +157,26 @@ CATEGORIES: list[tuple[str, Callable[[Sequence[Frame]], bool]]] = [
         ),
     ),
     (
-        "threads handing work over",
+        "threads handing work over (queues, futures, wake-ups)",
         lambda s: _any(s[-3:], _in("threading.py", "queue.py", "concurrent/futures")),
     ),
     (
-        "storage client: signing, request, response",
+        "storage client: signing, request, response, its socket",
         lambda s: (
             _any(s, _in("imagebatch_common/storage.py", "minio/", "urllib3/"))
             and not _any(s, _in("imagebatch_common/fetch.py"))
         ),
     ),
     (
-        "download: URL guard, HTTP client, body",
+        "download: URL guard, HTTP client, body, its socket",
         lambda s: _any(s, _in("imagebatch_common/fetch.py", "urlguard.py", "requests/")),
+    ),
+    (
+        "codec: decode, convert, encode (C, in Pillow)",
+        lambda s: (
+            _any(s[-1:], _in("PIL/"))
+            and _any(s[-1:], _named("load", "_encode_tile", "_save", "convert", "paste", "resize"))
+        ),
     ),
     (
         "compress(): Python around the codec",
