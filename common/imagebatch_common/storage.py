@@ -9,7 +9,6 @@ the Job retries the shard). Credentials are never part of a message.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from imagebatch_common.contract import WorkerEnv as Env
+from imagebatch_common.storage_settings import StorageSettings
 
 
 class StorageError(Exception):
@@ -30,37 +29,6 @@ class ObjectNotFound(StorageError):
 
 class StorageUnavailable(StorageError):
     """MinIO could not be reached or refused the request; worth retrying."""
-
-
-@dataclass(frozen=True)
-class StorageSettings:
-    """Where MinIO is and how to log in. Read from ``MINIO_*`` environment variables."""
-
-    endpoint: str  # host:port, no scheme
-    access_key: str
-    secret_key: str
-    secure: bool = False
-    region: str | None = None
-    session_token: str | None = None  # with temporary (STS) credentials
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> StorageSettings:
-        source = os.environ if env is None else env
-        required = (Env.STORAGE_ENDPOINT, Env.STORAGE_ACCESS_KEY, Env.STORAGE_SECRET_KEY)
-        missing = [name.value for name in required if not source.get(name)]
-        if missing:
-            raise ValueError(f"missing storage settings: {', '.join(missing)}")
-        return cls(
-            endpoint=source[Env.STORAGE_ENDPOINT],
-            access_key=source[Env.STORAGE_ACCESS_KEY],
-            secret_key=source[Env.STORAGE_SECRET_KEY],
-            secure=source.get(Env.STORAGE_SECURE, "false").lower() in ("1", "true", "yes"),
-            region=source.get(Env.STORAGE_REGION) or None,
-            session_token=source.get(Env.STORAGE_SESSION_TOKEN) or None,
-        )
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"StorageSettings(endpoint={self.endpoint!r}, secure={self.secure})"
 
 
 @dataclass(frozen=True)
@@ -127,6 +95,49 @@ class Storage:
                 response.release_conn()
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
             raise self._fail(error, f"get {bucket}/{key}") from error
+
+    def stream(self, bucket: str, key: str, chunk: int = 256 * 1024) -> Iterator[bytes]:
+        """The object's bytes in chunks, never held whole; the first request is made now.
+
+        Raises ``ObjectNotFound`` or ``StorageUnavailable`` before returning when the
+        object cannot be opened; a failure while reading raises from the iterator.
+        """
+        try:
+            response = self.client.get_object(bucket, key)
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._fail(error, f"get {bucket}/{key}") from error
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from response.stream(chunk)
+            except (urllib3.exceptions.HTTPError, OSError) as error:
+                raise self._fail(error, f"get {bucket}/{key}") from error
+            finally:
+                response.close()
+                response.release_conn()
+
+        return chunks()
+
+    def lines(self, bucket: str, key: str) -> Iterator[bytes]:
+        """The object's lines (without the newline), streamed."""
+        pending = b""
+        for piece in self.stream(bucket, key):
+            pending += piece
+            *complete, pending = pending.split(b"\n")
+            yield from complete
+        if pending:
+            yield pending
+
+    def presigned_get(self, bucket: str, key: str, seconds: int) -> str:
+        """A GET URL for the object that needs no credentials, valid for ``seconds``."""
+        from datetime import timedelta
+
+        try:
+            return str(
+                self.client.presigned_get_object(bucket, key, expires=timedelta(seconds=seconds))
+            )
+        except (S3Error, urllib3.exceptions.HTTPError, OSError, ValueError) as error:
+            raise self._fail(error, f"presign {bucket}/{key}") from error
 
     def put(
         self,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -62,6 +63,45 @@ class Row:
     product: str
     urls: tuple[str, ...]
     raw_urls: str  # the cell as the user wrote it, echoed in output.csv
+
+
+@dataclass(frozen=True)
+class Header:
+    """The header as written and where the required columns are."""
+
+    columns: tuple[str, ...] = COLUMNS
+    separator: str = ","
+    encoding: str = "utf-8"
+    serial: int = 0
+    product: int = 1
+    urls: int = 2
+
+
+def row_to_json(row: Row) -> str:
+    return json.dumps([row.line, row.serial, row.product, list(row.urls), row.raw_urls])
+
+
+def row_from_json(line: str | bytes) -> Row:
+    number, serial, product, urls, raw = json.loads(line)
+    return Row(int(number), int(serial), str(product), tuple(urls), str(raw))
+
+
+class CsvReader:
+    """One pass over the CSV. Iterate ``rows()``; afterwards header and problems are final."""
+
+    def __init__(self, chunks: Iterable[bytes], limits: CsvLimits) -> None:
+        self._chunks = chunks
+        self._limits = limits
+        self.header: Header | None = None
+        self.problems: list[CsvProblem] = []
+        self.notices: list[CsvProblem] = []
+
+    def rows(self) -> Iterator[Row]:
+        self.header = Header()
+        yield from parse(self._chunks, self._limits, self.problems)
+
+    def summary(self) -> str:
+        return ""
 
 
 class CsvTooLarge(Exception):

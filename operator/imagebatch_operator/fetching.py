@@ -1,24 +1,29 @@
-"""The operator's outbound HTTP goes through the shared address guard.
+"""The operator's outbound HTTP: a CSV URL and the webhook, under the shared address guard.
 
 A CSV ``source.url`` and a webhook URL are user input just like image URLs: the same
 rules apply (http/https only, non-global addresses refused unless allowed, the checked
 address is the one connected to, every redirect checked again, bytes and time capped).
+A webhook attempt is one POST that never raises for what the network or the receiver
+does; what it means for the delivery is ``webhook.next_record``'s to decide.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 
 import requests
 
 from imagebatch_common.envread import parse_networks
 from imagebatch_common.failures import ImageFailure
 from imagebatch_common.fetch import Fetcher, FetchSettings, PinnedAdapter
+from imagebatch_common.redact import redact_text
+from imagebatch_common.retry import retry_after_seconds
 from imagebatch_common.urlguard import AddressPolicy, resolve_target
 from imagebatch_operator.settings import Settings
 from imagebatch_operator.sources import CHUNK, SourceUnavailable, UrlOpener
-from imagebatch_operator.webhook import Refused
+from imagebatch_operator.webhook import Attempt, classify
 
 
 def csv_url_opener(settings: Settings) -> UrlOpener:
@@ -71,3 +76,67 @@ class GuardedPoster:
             return session.post(
                 url, data=data, headers=dict(headers), timeout=timeout, allow_redirects=False
             )
+
+
+class Refused(Exception):
+    """The URL may not be called at all (e.g. its address is not allowed): never retried."""
+
+
+class Poster(Protocol):
+    """What sends one POST (``fetching.GuardedPoster`` in the operator)."""
+
+    def post(
+        self, url: str, data: bytes, headers: Mapping[str, str], timeout: float
+    ) -> requests.Response: ...
+
+
+def attempt_delivery(
+    poster: Poster,
+    url: str,
+    body: bytes,
+    hdrs: Mapping[str, str],
+    number: int,
+    timeout: float,
+    now: Callable[[], str],
+) -> Attempt:
+    """POST once; never raises for what the network or the receiver does.
+
+    Errors are described without the URL: a webhook URL may carry a token.
+    """
+    try:
+        response = poster.post(url, body, hdrs, timeout)
+    except Refused as refusal:
+        return Attempt(
+            number, now(), None, f"refused: {redact_text(str(refusal))}"[:300], False, False
+        )
+    except requests.RequestException as failure:
+        why = f"{type(failure).__name__}: {_network_cause(failure)}"[:300]
+        return Attempt(number, now(), None, why, False, True)
+    delivered, retry = classify(response.status_code)
+    return Attempt(
+        number,
+        now(),
+        response.status_code,
+        "" if delivered else f"HTTP {response.status_code}",
+        delivered,
+        retry,
+        retry_after_seconds(response.headers.get("Retry-After"))
+        if response.status_code in (429, 503)
+        else None,
+    )
+
+
+def _network_cause(failure: requests.RequestException) -> str:
+    """What went wrong on the wire, in a few words, never the URL."""
+    if isinstance(failure, requests.ConnectTimeout):
+        return "connecting timed out"
+    if isinstance(failure, requests.ReadTimeout):
+        return "no answer in time"
+    if isinstance(failure, requests.ConnectionError):
+        text = str(failure).lower()
+        if "refused" in text:
+            return "connection refused"
+        if "reset" in text:
+            return "connection reset"
+        return "connection failed"
+    return "request failed"

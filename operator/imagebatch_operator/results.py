@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from imagebatch_common.contract import ImageResult
-from imagebatch_operator.csvinput import COLUMNS, OUTPUT, Row
+from imagebatch_operator.csvinput import COLUMNS, OUTPUT, Header, Row
 
 ERROR_COLUMNS = ("row", "url", "stage", "reason")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
@@ -34,9 +34,13 @@ class RowTally:
     rows_failed: int = 0
 
 
+Lookup = Callable[[str], ImageResult | None]
+
+
 def output_rows(
+    header: Header,
     rows: Iterable[Row],
-    results: Mapping[str, ImageResult],
+    results: Lookup,
     url_of: Callable[[str], str],
     tally: list[RowTally],
 ) -> Iterator[list[str]]:
@@ -47,7 +51,7 @@ def output_rows(
         count += 1
         outputs = []
         for url in row.urls:
-            result = results.get(url)
+            result = results(url)
             outputs.append(url_of(result.key) if result is not None and result.ok else "")
         if all(outputs):
             ok += 1
@@ -57,12 +61,12 @@ def output_rows(
     tally.append(RowTally(count, ok, failed))
 
 
-def error_rows(rows: Iterable[Row], results: Mapping[str, ImageResult]) -> Iterator[list[str]]:
+def error_rows(rows: Iterable[Row], results: Lookup) -> Iterator[list[str]]:
     """errors.csv rows (header first): each failed image once per row that lists it."""
     yield list(ERROR_COLUMNS)
     for row in rows:
         for url in row.urls:
-            result = results.get(url)
+            result = results(url)
             if result is None:
                 yield [str(row.line), url, "shard", "no result was recorded for this image"]
             elif not result.ok:

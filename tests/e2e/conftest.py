@@ -68,8 +68,10 @@ class OperatorProcess:
             # The sample servers live on loopback; a real install allows nothing here.
             "IMAGEBATCH_ALLOW_NETS": "127.0.0.0/8",
             "IMAGEBATCH_WORKER_IMAGE": "imagebatch:e2e",
-            "IMAGEBATCH_WEBHOOK_BACKOFF_SECONDS": "0.2",
-            "IMAGEBATCH_POLL_SECONDS": "0.5",
+            # Webhook retries seconds apart instead of hours apart.
+            "IMAGEBATCH_WEBHOOK_SCHEDULE": "0,0.5,1,2,3,5,8,10,10,10",
+            # Many batches share a test namespace now and then; caps are tested on their own.
+            "IMAGEBATCH_MAX_RUNNING_PER_NAMESPACE": "1000",
         }
         self.process: subprocess.Popen[bytes] | None = None
 

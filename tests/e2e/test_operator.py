@@ -193,15 +193,17 @@ def test_inline_batch_compresses_every_image_writes_csv_and_signs_the_webhook(
         "FAILED",
         "SHARDS",
         "WEBHOOK",
+        "REASON",
         "AGE",
     ]
-    assert table.split("\n")[1].split()[:6] == [
+    assert table.split("\n")[1].split()[:7] == [
         "spring",
         "Succeeded",
         "3/3",
         "0",
         "2/2",
         "Delivered",
+        "Succeeded",
     ]
     reasons = [e[1] for e in events(cluster, namespace, "spring")]
     assert "JobCreated" in reasons and "Succeeded" in reasons and "WebhookDelivered" in reasons
@@ -260,13 +262,14 @@ def test_s3_batch_over_the_failure_limit_is_failed_and_stalled(
 ) -> None:
     s = images.url
     data = (HEADER + f"1,A,{s}/d.jpg\n2,B,{s}/gone.jpg\n").encode()
-    storage.put_object(OUTPUT_BUCKET, f"inputs/{namespace}.csv", io.BytesIO(data), len(data))
+    key = f"{namespace}/inputs/products.csv"  # a batch reads only its namespace's objects
+    storage.put_object(OUTPUT_BUCKET, key, io.BytesIO(data), len(data))
     apply(
         cluster,
         namespace,
         batch(
             "strict",
-            {"s3": {"bucket": OUTPUT_BUCKET, "key": f"inputs/{namespace}.csv"}},
+            {"s3": {"bucket": OUTPUT_BUCKET, "key": key}},
             failurePolicy={"maxFailedImagePercent": 0},
         ),
     )

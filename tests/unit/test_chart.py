@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from imagebatch_common.storage import StorageSettings
+from imagebatch_common.contract import WorkerEnv
+from imagebatch_common.storage_settings import StorageSettings
 from imagebatch_operator import plan
 from imagebatch_operator.settings import Settings
 from tests.cluster import build
@@ -128,7 +129,16 @@ def variables_read_by_the_operator() -> set[str]:
         (ROOT / "operator" / "imagebatch_operator" / "main.py").read_text(),
         inspect.getsource(StorageSettings.from_env),
     ]
-    return {m for text in sources for m in re.findall(r'"((?:IMAGEBATCH|MINIO)_[A-Z_]+)"', text)}
+    names = {m for text in sources for m in re.findall(r'"((?:IMAGEBATCH|MINIO)_[A-Z_]+)"', text)}
+    # The storage reader names its variables through the contract's WorkerEnv. The
+    # session token is for temporary credentials, which the operator's own never are.
+    names |= {
+        WorkerEnv[m].value
+        for text in sources
+        for m in re.findall(r"Env\.([A-Z_]+)", text)
+        if m != "STORAGE_SESSION_TOKEN"
+    }
+    return names
 
 
 def test_deployment_sets_every_variable_the_operator_reads_and_no_other(helm: Path) -> None:
@@ -159,8 +169,10 @@ def test_the_operator_reads_back_what_the_values_say(helm: Path) -> None:
             "maxImageBytes": 99_000_000,
             "maxImagePixels": 120_000_000,
         },
-        "webhook": {"attempts": 3, "backoffSeconds": 0.25},
-        "pollSeconds": 2.5,
+        "webhook": {"schedule": [0, 30, 600], "timeoutSeconds": 4.5},
+        "concurrency": {"workers": 3, "heavyWorkers": 1},
+        "resyncSeconds": 120,
+        "extraBuckets": ["archive", "staging"],
         "minStatusWriteSeconds": 4,
     }
     env = {**plain_env(render(helm, values)), "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "s"}
@@ -180,8 +192,11 @@ def test_the_operator_reads_back_what_the_values_say(helm: Path) -> None:
     assert settings.csv_limits.max_urls_per_row == 7
     assert settings.max_image_bytes == 99_000_000
     assert settings.max_image_pixels == 120_000_000
-    assert settings.webhook_attempts == 3 and settings.webhook_backoff_seconds == 0.25
-    assert settings.poll_seconds == 2.5
+    assert settings.webhook_schedule == (0.0, 30.0, 600.0)
+    assert settings.webhook_timeout_seconds == 4.5
+    assert (settings.workers, settings.heavy_workers) == (3, 1)
+    assert settings.resync_seconds == 120
+    assert settings.allowed_buckets == ("catalog", "archive", "staging")
     assert settings.min_write_seconds == 4
 
 
@@ -202,9 +217,16 @@ def test_defaults_give_the_operators_own_defaults(helm: Path) -> None:
         "allow_nets",
         "max_image_bytes",
         "max_image_pixels",
-        "webhook_attempts",
-        "webhook_backoff_seconds",
-        "poll_seconds",
+        "max_images",
+        "max_shards",
+        "max_parallelism",
+        "max_running_per_namespace",
+        "extra_buckets",
+        "webhook_schedule",
+        "webhook_timeout_seconds",
+        "workers",
+        "heavy_workers",
+        "resync_seconds",
         "min_write_seconds",
     ):
         assert getattr(from_chart, name) == getattr(built_in, name), name
@@ -265,7 +287,7 @@ def test_missing_required_values_say_what_to_set(
             "additional properties 'gpu' not allowed",
             id="nested",
         ),
-        pytest.param({"pollSeconds": "fast"}, "want number", id="string-for-number"),
+        pytest.param({"resyncSeconds": "fast"}, "want number", id="string-for-number"),
         pytest.param({"limits": {"maxRows": 1.5}}, "want integer", id="float-for-integer"),
         pytest.param({"allowNets": "10.0.0.0/8"}, "want array", id="string-for-list"),
         pytest.param({"allowNets": ["everything"]}, "does not match pattern", id="not-a-cidr"),
@@ -432,7 +454,7 @@ def test_pod_meets_the_restricted_pod_security_standard(helm: Path) -> None:
         "capabilities": {"drop": ["ALL"]},
     }
     assert c["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
-    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
     assert "hostNetwork" not in pod and "hostPID" not in pod
     assert all("hostPort" not in p for p in c["ports"])
 
@@ -489,7 +511,7 @@ NAMESPACED_RULES = [
     {
         "apiGroups": ["batch"],
         "resources": ["jobs"],
-        "verbs": ["get", "list", "create", "patch", "delete"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},

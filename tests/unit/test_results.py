@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from imagebatch_common.contract import ImageResult
-from imagebatch_operator.csvinput import Row
+from imagebatch_operator.csvinput import Header, Row
 from imagebatch_operator.results import RowTally, error_rows, neutralise, output_rows, to_csv
 
 ROWS = [
@@ -29,7 +29,9 @@ RESULTS = {
 
 def test_output_csv_bytes() -> None:
     tally: list[RowTally] = []
-    body = b"".join(to_csv(output_rows(ROWS, RESULTS, lambda k: f"https://cdn.test/{k}", tally)))
+    body = b"".join(
+        to_csv(output_rows(Header(), ROWS, RESULTS.get, lambda k: f"https://cdn.test/{k}", tally))
+    )
     assert body.decode() == (
         "S. No.,Product Name,Input Image Urls,Output Image Urls\r\n"
         '1,SKU1,"https://x.test/a.jpg,https://x.test/b.jpg","https://cdn.test/p/images/a1.jpg,"\r\n'
@@ -40,7 +42,7 @@ def test_output_csv_bytes() -> None:
 
 
 def test_errors_csv_lists_every_failure_with_row_and_stage() -> None:
-    body = b"".join(to_csv(error_rows(ROWS, RESULTS))).decode()
+    body = b"".join(to_csv(error_rows(ROWS, RESULTS.get))).decode()
     assert body == (
         "row,url,stage,reason\r\n"
         "2,https://x.test/b.jpg,fetch,HTTP 404\r\n"
