@@ -233,6 +233,10 @@ def _plural(items: list[str], word: str) -> str:
     return word if len(items) == 1 else word + "s"
 
 
+def _count(number: int, word: str) -> str:
+    return f"{number} {word}" if number == 1 else f"{number} {word}s"
+
+
 def _separator_name(separator: str) -> str:
     return SEPARATORS.get(separator, repr(separator))
 
@@ -324,11 +328,13 @@ class _Stop(Exception):
 
 
 class _Runaway(Exception):
-    """A record (or one line) grew past the record cap."""
+    """A record (or one line) grew past the record cap: ``line`` is where it was seen;
+    ``end``, when known, the record's last line (else it is still open)."""
 
-    def __init__(self, line: int) -> None:
+    def __init__(self, line: int, end: int | None = None) -> None:
         super().__init__(line)
         self.line = line
+        self.end = end
 
 
 class CsvReader:
@@ -364,6 +370,7 @@ class CsvReader:
         self._last_end = 0  # last line of the last complete record
         self._folded = 0
         self._first_folded = 0
+        self._last_named = 0  # index of the header's last column with a name
         # Serials written other than as the plain number (007), to say so on a repeat.
         self._written: dict[int, str] = {}
         if csv.field_size_limit() < 2 * self._cap:
@@ -388,7 +395,7 @@ class CsvReader:
                 problem = CsvProblem(problem.row, self._column_at(self._carry), problem.message)
             self._problem(problem)
         except _Runaway as runaway:
-            self._problem(self._runaway_problem(runaway.line))
+            self._problem(self._runaway_problem(runaway.line, runaway.end))
         if self._folded > MAX_NOTICES_PER_KIND:
             self.notices.append(
                 CsvProblem(
@@ -539,6 +546,13 @@ class CsvReader:
                 odd = any(char in body for char in _ODD_BREAKS)
                 lines = _LINE.findall(body) if odd else body.splitlines(True)
                 self._keep(number, lines)
+                if len(body) > self._cap and max(map(len, lines)) > self._cap:
+                    # A piece larger than the cap holds a line longer than it: read the
+                    # lines before it, as smaller pieces would have, then stop.
+                    long = next(i for i, line in enumerate(lines) if len(line) > self._cap)
+                    if long:
+                        yield lines[:long]
+                    raise _Runaway(number + long)
             if len(carry) > self._cap:
                 raise _Runaway(number + len(lines))
             if lines:
@@ -647,6 +661,11 @@ class CsvReader:
             limits.max_url_length,
         )
         plain_url = _PLAIN_URL.fullmatch
+        named = [i for i, c in enumerate(header.columns) if c.strip()]
+        self._last_named = named[-1]
+        # Columns without a name right of a last URL column may hold more URLs: a row
+        # with anything there takes the careful path, which folds them in.
+        spill_at = urls_at + 1 if urls_at == named[-1] else ncols
         seen: dict[int, int] = {}
         count = 0
         last_end = self._last_end
@@ -658,7 +677,12 @@ class CsvReader:
                     start = last_end + 1
                     self._last_end = last_end = end
                     # The fast check: the usual row passes it and is yielded right here.
-                    if len(record) == ncols and start == end and not self._controls:
+                    if (
+                        len(record) == ncols
+                        and start == end
+                        and not self._controls
+                        and (spill_at == ncols or not any(record[spill_at:]))
+                    ):
                         serial = record[serial_at]
                         product = record[product_at]
                         cell = record[urls_at]
@@ -776,57 +800,16 @@ class CsvReader:
         self, record: list[str], start: int, end: int, header: Header, seen: dict[int, int]
     ) -> Row | None:
         """Every problem of one non-blank record, or the row when it has none."""
+        if end > start and sum(map(len, record)) > self._cap:
+            # Read whole from one large piece of text; read in smaller pieces it would
+            # have been stopped at the cap. Either way the same: stop here.
+            raise _Runaway(start, end)
         before = len(self.problems)
         columns = header.columns
-        ncols = len(columns)
-        count = len(record)
-        cells = record
-        folded = False
-        if count < ncols:
-            missing = [c for c in columns[count:] if c.strip()]
-            if missing:
-                self._problem(
-                    CsvProblem(
-                        start,
-                        ", ".join(missing),
-                        f"this row has {count} fields but the header has {ncols} columns: "
-                        f"no value for {_quoted_names(missing)}; give every column a field, "
-                        "an empty one if need be",
-                    )
-                )
-                return None
-        elif count > ncols:
-            used = count
-            while used > ncols and not record[used - 1].strip():
-                used -= 1  # trailing empty fields hold nothing
-            extra = record[ncols:used]
-            if not extra:
-                cells = record[:ncols]
-            elif (
-                header.urls == ncols - 1
-                and _URL_LIKE.match(record[header.urls])
-                and all(_URL_LIKE.match(f) or not f.strip() for f in extra)
-            ):
-                # An unquoted URL list: the URL cell and every field after it are URLs.
-                cells = [*record[: ncols - 1], ",".join(record[ncols - 1 : used])]
-                folded = True
-                self._fold_notice(start, columns[header.urls], len(extra))
-            else:
-                separator = _separator_name(header.separator)
-                hint = f"a cell that contains the {separator} must be in double quotes"
-                if header.urls == ncols - 1 and not _URL_LIKE.match(record[header.urls]):
-                    hint += f" (the {columns[header.urls]!r} field is not a URL here: "
-                    hint += f"an earlier cell probably holds a {separator})"
-                elif header.urls == ncols - 1:
-                    hint += f" (the fields after {columns[header.urls]!r} are not all URLs)"
-                self._problem(
-                    CsvProblem(
-                        start,
-                        "",
-                        f"this row has {used} fields but the header has {ncols} columns; {hint}",
-                    )
-                )
-                return None
+        fields = self._fields(record, start, header)
+        if fields is None:
+            return None
+        cells, folded = fields
         bad: set[int] = set()
         for index, cell in enumerate(cells):
             control = _CONTROL.search(cell)
@@ -873,6 +856,59 @@ class CsvReader:
         if len(self.problems) != before:
             return None
         return Row(start, tuple(cells), tuple(urls), folded)
+
+    def _fields(
+        self, record: list[str], start: int, header: Header
+    ) -> tuple[list[str], bool] | None:
+        """The row's cells, one per header column, and whether an unquoted URL list was
+        folded into the URL cell; None (with a problem) when the fields do not fit."""
+        columns = header.columns
+        ncols, count, at = len(columns), len(record), header.urls
+        if count < ncols:
+            missing = [c for c in columns[count:] if c.strip()]
+            if missing:
+                self._problem(
+                    CsvProblem(
+                        start,
+                        ", ".join(missing),
+                        f"this row has {_count(count, 'field')} but the header has "
+                        f"{_count(ncols, 'column')}: no value for {_quoted_names(missing)}; "
+                        "give every column a field, an empty one if need be",
+                    )
+                )
+                return None
+        used = count
+        while used > ncols and not record[used - 1].strip():
+            used -= 1  # trailing empty fields hold nothing
+        # When the URL column is the last one with a name, URLs to its right (in columns
+        # without a name, or past the header) are taken as an unquoted URL list.
+        urls_last = at == self._last_named
+        spill = record[at + 1 : used] if urls_last else record[ncols:used]
+        extra = [f for f in spill if f.strip()]
+        if not extra:
+            return record[:ncols], False
+        if urls_last and _URL_LIKE.match(record[at]) and all(_URL_LIKE.match(f) for f in extra):
+            self._fold_notice(start, columns[at], len(extra))
+            cells = [*record[:at], ",".join(record[at:used])]
+            return cells + [""] * (ncols - len(cells)), True
+        if used <= ncols:
+            return record[:ncols], False  # text in columns without a name: kept, not read
+        separator = _separator_name(header.separator)
+        hint = f"a cell that contains the {separator} must be in double quotes"
+        if urls_last and not _URL_LIKE.match(record[at]):
+            hint += f" (the {columns[at]!r} field is not a URL here: "
+            hint += f"an earlier cell probably holds a {separator})"
+        elif urls_last:
+            hint += f" (the fields after {columns[at]!r} are not all URLs)"
+        self._problem(
+            CsvProblem(
+                start,
+                "",
+                f"this row has {_count(used, 'field')} but the header has "
+                f"{_count(ncols, 'column')}; {hint}",
+            )
+        )
+        return None
 
     def _check_serial(self, cell: str, column: str, line: int, seen: dict[int, int]) -> None:
         text = cell.strip()
@@ -951,9 +987,13 @@ class CsvReader:
             )
         return CsvProblem(start, column, message)
 
-    def _runaway_problem(self, line: int) -> CsvProblem:
-        start = self._last_end + 1
-        text = self._record_text(start, 1 << 62) + self._carry
+    def _runaway_problem(self, line: int, end: int | None) -> CsvProblem:
+        if end is None:  # the record is still open: all that was read of it
+            start = self._last_end + 1
+            text = self._record_text(start, 1 << 62) + self._carry
+        else:  # a complete record, seen as too long only once read
+            start = line
+            text = self._record_text(start, end)[: self._cap]
         trouble = _quote_trouble(text, self._separator)
         if trouble is not None and trouble.closed is None:
             opened = start + trouble.opened

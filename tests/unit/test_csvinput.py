@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import random
 from collections.abc import Iterator
 
 import pytest
@@ -190,6 +191,16 @@ RowTuple = tuple[int, tuple[str, ...], tuple[str, ...], bool]
             [(2, ("1", "A", A), (A,), False), (3, ("2", "B", B, "", ""), (B,), False)],
             "",
             id="unnamed-trailing-columns-may-be-left-out",
+        ),
+        pytest.param(
+            "S. No.,Product Name,Input Image Urls,,\n" + f"1,A,{A},{B}\n2,B,{B},,{C}\n3,C,{C},x,\n",
+            [
+                (2, ("1", "A", f"{A},{B}", "", ""), (A, B), True),
+                (3, ("2", "B", f"{B},,{C}", "", ""), (B, C), True),
+                (4, ("3", "C", C, "x", ""), (C,), False),
+            ],
+            "2 rows with an unquoted URL list (first: line 2); quote the URL cell",
+            id="urls-in-unnamed-columns-right-of-the-url-column-are-folded",
         ),
         pytest.param(
             "S. No.,Product Name,Input Image Urls,Output Image Urls\n"
@@ -855,6 +866,52 @@ def test_an_undecodable_byte_is_found_at_the_same_place_in_any_chunking(size: in
     assert [r.line for r in rows] == [2, 3]
     assert [(p.row, p.column) for p in reader.problems] == [(4, "Product Name")]
     assert "byte 0x93 at line 4, byte 3 is not UTF-8" in reader.problems[0].message
+
+
+@pytest.mark.parametrize("size", [1 << 16, 1 << 30], ids=["64KiB-chunks", "one-chunk"])
+@pytest.mark.parametrize(
+    ("middle", "expected"),
+    [
+        pytest.param(
+            '2,"' + "long text\n" * 150_000 + f'",{B}\n',
+            (3, "Product Name", "a quote opened on line 3 is not closed within 1048576 characters"),
+            id="a-record-over-the-cap",
+        ),
+        pytest.param(
+            "2," + "x" * (1 << 21) + f",{B}\n",
+            (3, "", "line 3 is longer than 1048576 characters; reading stopped here"),
+            id="a-line-over-the-cap",
+        ),
+    ],
+)
+def test_the_record_cap_holds_whatever_the_chunk_size(
+    size: int, middle: str, expected: tuple[int, str, str]
+) -> None:
+    reader, rows = read(HEADER + f"1,A,{A}\n" + middle + f"3,C,{C}\n", chunk=size)
+    assert [r.line for r in rows] == [2]
+    assert [(p.row, p.column) for p in reader.problems] == [expected[:2]]
+    assert expected[2] in reader.problems[0].message
+
+
+def test_any_input_in_any_chunking_reads_the_same_in_our_words() -> None:
+    pieces = [*HEADER[:-1].split(","), ",", ",", ";", "\t", '"', '"', "\r", "\n", "\r\n"]
+    pieces += [A, "1", "007", " ", "é", "\x00", "sep=;", "\ufeff", "😀", "https://", "x"]
+    pick = random.Random(12)
+    for _ in range(300):
+        text = "".join(pick.choice(pieces) for _ in range(pick.randint(0, 60)))
+        if pick.random() < 0.5:
+            text = HEADER + text
+        data = text.encode(pick.choice(["utf-8", "utf-8-sig", "utf-16"]))
+        limits = CsvLimits(max_bytes=pick.choice([1 << 20, 50]))
+        whole, whole_rows = read(data, limits, chunk=1 << 20)
+        for size in (1, 3):
+            reader, rows = read(data, limits, chunk=size)
+            assert rows == whole_rows, text
+            assert reader.problems == whole.problems, text
+            assert reader.notices == whole.notices, text
+        for problem in whole.problems:
+            assert "Error" not in problem.message
+            assert "unexpected end" not in problem.message
 
 
 # --- the fast check and the careful check agree ---------------------------------------
