@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import json
 import re
 from collections import deque
@@ -114,6 +115,17 @@ class Header:
     urls: int
     output: int | None = None  # an input column named like "Output Image Urls", if any
     line: int = 1  # the physical line the header is on
+
+    def to_json(self) -> str:
+        """One line of JSON, read back by ``from_json``: output.csv is written at the end
+        of a run, maybe by another operator process than the one that read the CSV."""
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @staticmethod
+    def from_json(text: str | bytes) -> Header:
+        fields = json.loads(text)
+        fields["columns"] = tuple(fields["columns"])
+        return Header(**fields)
 
 
 # Compact JSON for spooling rows: no spaces, ASCII only, so a row is always one line
@@ -187,10 +199,10 @@ def _line_breaks(text: str) -> int:
     return text.count("\n") + text.count("\r") - text.count("\r\n")
 
 
-def _excerpt(text: str) -> str:
+def _excerpt(text: str, limit: int = _EXCERPT) -> str:
     """The user's text as quoted in a message: short, with invisible characters escaped."""
-    if len(text) > _EXCERPT:
-        text = text[: _EXCERPT - 1] + "…"
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
     return repr(text)
 
 
@@ -763,8 +775,9 @@ class CsvReader:
                 CsvProblem(
                     line,
                     canonical,
-                    f"the header names the column {canonical!r} twice: column {other + 1} "
-                    f"{_excerpt(cells[other])} and column {index + 1} {_excerpt(name)}; "
+                    f"the header names the column {_excerpt(canonical, 36)} twice: column "
+                    f"{other + 1} {_excerpt(cells[other], 36)} and column {index + 1} "
+                    f"{_excerpt(name, 36)}; "
                     "keep one, or rename the other",
                 )
             )

@@ -264,6 +264,15 @@ def test_header_says_how_the_file_was_read() -> None:
     ]
 
 
+def test_the_header_spools_as_one_line_of_json() -> None:
+    reader, _ = read("S. No.;Product Name;Input Image Urls;Output Image Urls\n" + f"1;A;{A};\n")
+    assert reader.header is not None
+    text = reader.header.to_json()
+    assert "\n" not in text
+    assert Header.from_json(text) == reader.header
+    assert Header.from_json(text.encode()).output == 3
+
+
 def test_an_unquoted_url_list_is_a_notice_naming_the_row() -> None:
     reader, rows = read(HEADER + f"1,SKU1,{A},{B}\n")
     assert [r.urls for r in rows] == [(A, B)]
