@@ -170,8 +170,6 @@ class Ingest:
             rows, distinct = self._read(reader, db, spool)
             spool.close()
             problems = list(reader.problems)
-            if rows == 0 and not problems:
-                problems.append(csvinput.CsvProblem(2, "", "the CSV has a header but no data rows"))
             if problems:
                 return self._invalid(target, problems)
             if distinct > self.settings.max_images:
@@ -201,7 +199,7 @@ class Ingest:
         insert = "INSERT OR IGNORE INTO urls VALUES (?, ?)"
         for row in reader.rows():
             rows += 1
-            write(csvinput.row_to_json(row))
+            write(row.to_json())
             write("\n")
             for url in row.urls:
                 pending.append((url, seq))
@@ -305,13 +303,14 @@ class Ingest:
         self.storage.put_file(
             target.bucket, rows_key(target.prefix, target.run), spool_path, "application/x-ndjson"
         )
-        header = reader.header or csvinput.Header()
+        assert reader.header is not None  # a CSV without one has a problem
         self.storage.put(
             target.bucket,
             header_key(target.prefix, target.run),
-            json.dumps(header.__dict__).encode(),
+            reader.header.to_json().encode(),
             "application/json",
         )
+        noted = reader.summary()
         summary = PlanSummary(
             run=target.run,
             rows=rows,
@@ -319,7 +318,7 @@ class Ingest:
             stored=stored,
             shards=shards,
             per_shard=per_shard,
-            message=reader.summary(),
+            message=f"{rows} rows, {distinct} distinct images" + (f"; {noted}" if noted else ""),
         )
         self.storage.put(
             target.bucket,
@@ -327,7 +326,9 @@ class Ingest:
             plan_to_json(summary),
             "application/json",
         )
-        notices = tuple(f"row {n.row}: {n.message}" for n in reader.notices[:20])
+        notices = tuple(
+            f"line {n.row}: {n.message}" if n.row else n.message for n in reader.notices[:20]
+        )
         return IngestOutcome("planned", plan=summary, notices=notices)
 
     def _upload_manifests(self, target: Target, manifests: Iterator[object]) -> None:

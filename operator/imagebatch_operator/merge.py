@@ -12,7 +12,6 @@ Idempotent: a merge cut short by a restart is simply done again.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import tempfile
@@ -197,14 +196,14 @@ class Merge:
             cache[url] = result
             return result
 
-        header = csvinput.Header(
-            **json.loads(self.storage.get(job.bucket, header_key(job.prefix, job.run)))
+        header = csvinput.Header.from_json(
+            self.storage.get(job.bucket, header_key(job.prefix, job.run))
         )
 
         def rows() -> Iterator[csvinput.Row]:
             for line in self.storage.lines(job.bucket, rows_key(job.prefix, job.run)):
                 if line:
-                    yield csvinput.row_from_json(line)
+                    yield csvinput.Row.from_json(line)
 
         tally: list[results.RowTally] = []
 

@@ -320,7 +320,7 @@ def test_invalid_csv_fails_validation_with_rows_and_columns(
             "column": "Input Image Urls",
             "message": "URL 'ftp://x.test/b' is not http or https",
         },
-        {"row": 4, "column": "S. No.", "message": "serial number 1 repeats row 2"},
+        {"row": 4, "column": "S. No.", "message": "serial number 1 repeats line 2"},
     ]
     report = csv_rows(read(storage, f"{namespace}/broken/errors.csv"))
     assert report[1] == ["3", "", "validate", "S. No.: 'x' is not a positive whole number"]
