@@ -95,6 +95,8 @@ class WebhookReceiver:
     """Records every POST; ``answers`` gives the status code for the n-th POST (default 200)."""
 
     answers: Callable[[int], int] = lambda n: 200
+    # Extra response headers for the n-th POST (e.g. Retry-After).
+    answer_headers: Callable[[int], dict[str, str]] = lambda n: {}
     deliveries: list[Delivery] = field(default_factory=list)
     server: _Server | None = None
 
@@ -113,6 +115,8 @@ class WebhookReceiver:
                 )
                 code = outer.answers(len(outer.deliveries))
                 self.send_response(code)
+                for name, value in outer.answer_headers(len(outer.deliveries)).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
