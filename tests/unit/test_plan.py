@@ -12,6 +12,7 @@ from imagebatch_common.contract import (
     ShardImage,
     ShardManifest,
     image_key,
+    image_keyer,
 )
 from imagebatch_common.storage_settings import StorageSettings
 from imagebatch_operator import plan
@@ -183,3 +184,11 @@ def test_the_worker_learns_its_memory_limit_in_bytes() -> None:
     env = {e["name"]: e for e in job()["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["IMAGEBATCH_MEMORY_LIMIT"]["value"] == str(1024**3)
     assert env["MINIO_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp", "avif", "original"])
+def test_the_planning_keyer_gives_the_contracts_keys(fmt: str) -> None:
+    compression = Compression(quality=61, format=fmt, max_dimension=800)
+    keyer = image_keyer("ns/b/", compression)
+    for url in ("https://x.test/a.jpg", "https://x.test/é?q=1"):
+        assert keyer(url) == image_key("ns/b/", url, compression)
