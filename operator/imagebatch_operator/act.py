@@ -95,6 +95,7 @@ class Actor:
         tasks: Tasks,
         credentials: Credentials,
         clock: Callable[[], float] = time.monotonic,
+        on_webhook: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self.settings = settings
         self.kube = kube
@@ -103,6 +104,7 @@ class Actor:
         self.tasks = tasks
         self.credentials = credentials
         self.clock = clock
+        self.on_webhook = on_webhook  # each delivery attempt's outcome (metrics)
 
     def url_of(self, bucket: str, key: str) -> str:
         """Public URL of an object: under the public base, else a presigned GET."""
@@ -270,6 +272,13 @@ class Actor:
         )
         if event is not None:
             events.append(event)
+        self.on_webhook(
+            {
+                Reason.WEBHOOK_DELIVERED: "delivered",
+                Reason.WEBHOOK_GONE: "gone",
+                Reason.WEBHOOK_FAILED: "failed",
+            }.get(state, "retrying")
+        )
         view = replace(view, webhook=new, webhook_state=state, webhook_message=message)
         return view, events, wait
 

@@ -54,6 +54,13 @@ def _networks(raw: str) -> str:
     return raw
 
 
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number, or 0 for none")
+    return value
+
+
 def _quantity(raw: str) -> str:
     quantity_bytes(raw)
     return raw
@@ -110,6 +117,10 @@ class Settings:
     min_write_seconds: float = 1.0
     # Where ingest and merge spool rows and their scratch database (IMAGEBATCH_SPOOL_DIR).
     spool_dir: str = "/tmp"
+    # Prometheus /metrics: port (0 turns it off) and address (IMAGEBATCH_METRICS_PORT,
+    # IMAGEBATCH_METRICS_ADDRESS).
+    metrics_port: int = 8081
+    metrics_address: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod IP
     # Tenancy. Buckets besides the operator's own that spec.output.bucket and
     # spec.source.s3.bucket may name (IMAGEBATCH_EXTRA_BUCKETS, comma separated).
     extra_buckets: tuple[str, ...] = ()
@@ -188,6 +199,8 @@ class Settings:
                 e, "IMAGEBATCH_MIN_WRITE_SECONDS", non_negative_float, d.min_write_seconds
             ),
             spool_dir=e.get("IMAGEBATCH_SPOOL_DIR", "") or d.spool_dir,
+            metrics_port=read_env(e, "IMAGEBATCH_METRICS_PORT", _port, d.metrics_port),
+            metrics_address=e.get("IMAGEBATCH_METRICS_ADDRESS", "") or d.metrics_address,
             extra_buckets=tuple(
                 b.strip() for b in e.get("IMAGEBATCH_EXTRA_BUCKETS", "").split(",") if b.strip()
             ),

@@ -74,10 +74,14 @@ class OperatorProcess:
             "IMAGEBATCH_MAX_RUNNING_PER_NAMESPACE": "1000",
         }
         self.process: subprocess.Popen[bytes] | None = None
+        self.metrics_port = 0
 
     def start(self) -> None:
         port = free_port()
         self.env["IMAGEBATCH_LIVENESS_ENDPOINT"] = f"http://127.0.0.1:{port}/healthz"
+        self.metrics_port = free_port()
+        self.env["IMAGEBATCH_METRICS_PORT"] = str(self.metrics_port)
+        self.env["IMAGEBATCH_METRICS_ADDRESS"] = "127.0.0.1"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [str(Path(sys.executable).parent / "imagebatch-operator")],
@@ -104,6 +108,10 @@ class OperatorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
 
 @pytest.fixture(scope="session")
