@@ -63,6 +63,7 @@ class WorkerEnv(StrEnum):
     RUN = "IMAGEBATCH_RUN"
     SHARD_INDEX = "JOB_COMPLETION_INDEX"  # set by the Indexed Job itself
     ALLOW_NETS = "IMAGEBATCH_ALLOW_NETS"  # non-global networks images may come from
+    DENY_ENDPOINTS = "IMAGEBATCH_DENY_ENDPOINTS"  # address:port never fetched from
     MAX_IMAGE_BYTES = "IMAGEBATCH_MAX_IMAGE_BYTES"
     MAX_PIXELS = "IMAGEBATCH_MAX_PIXELS"
     MEMORY_LIMIT = "IMAGEBATCH_MEMORY_LIMIT"  # bytes the pod may use (its memory limit)

@@ -28,7 +28,7 @@ from typing import Any
 from imagebatch_common.storage import Storage, StorageError
 from imagebatch_operator import plan
 from imagebatch_operator.act import Actor
-from imagebatch_operator.credentials import StaticCredentials
+from imagebatch_operator.credentials import Credentials
 from imagebatch_operator.decide import (
     IngestOutcome,
     JobView,
@@ -116,7 +116,7 @@ class Controller:
             storage,
             poster,
             self,
-            StaticCredentials(settings, kube),
+            Credentials(settings, kube, storage),
             on_webhook=lambda outcome: self.metrics.webhooks.labels(outcome).inc(),
         )
         self.merge = Merge(storage, self.actor.url_of, settings.spool_dir)

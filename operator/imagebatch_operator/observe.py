@@ -95,6 +95,9 @@ class RunMemory:
     plan: PlanSummary | None = None
     tallies: dict[int, ShardTally] = field(default_factory=dict)
     last_write: float = 0.0  # monotonic time of this process's last status write
+    credentials_expire: datetime.datetime | None = None  # of the run's worker Secret
+    credentials_issued: datetime.datetime | None = None  # when this process minted it
+    credentials_run: str = ""
 
 
 class Observer:
@@ -186,6 +189,8 @@ class Observer:
             ingest=base.ingest,
             merge=base.merge,
             seconds_since_write=monotonic - memory.last_write,
+            credentials_expire=memory.credentials_expire,
+            credentials_issued=memory.credentials_issued,
             namespace_active_before=namespace_active_before,
         )
 

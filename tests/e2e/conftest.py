@@ -67,6 +67,7 @@ class OperatorProcess:
             "IMAGEBATCH_PUBLIC_URL": public_base(cluster),
             # The sample servers live on loopback; a real install allows nothing here.
             "IMAGEBATCH_ALLOW_NETS": "127.0.0.0/8",
+            "IMAGEBATCH_WEBHOOK_ALLOW_NETS": "127.0.0.0/8",
             "IMAGEBATCH_WORKER_IMAGE": "imagebatch:e2e",
             # Webhook retries seconds apart instead of hours apart.
             "IMAGEBATCH_WEBHOOK_SCHEDULE": "0,0.5,1,2,3,5,8,10,10,10",

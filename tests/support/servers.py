@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,8 +55,9 @@ class _Server:
 class ImageServer(_Server):
     """Serves ``files`` by path; anything else is 404. ``hits`` counts requests per path."""
 
-    def __init__(self, files: dict[str, tuple[bytes, str]]):
+    def __init__(self, files: dict[str, tuple[bytes, str]], delay: float = 0.0):
         self.files = files
+        self.delay = delay  # seconds before each answer, as a far image host takes
         self.hits: dict[str, int] = {}
         lock = threading.Lock()
         outer = self
@@ -67,6 +69,8 @@ class ImageServer(_Server):
             def do_GET(self) -> None:
                 with lock:
                     outer.hits[self.path] = outer.hits.get(self.path, 0) + 1
+                if outer.delay:
+                    time.sleep(outer.delay)
                 entry = outer.files.get(self.path)
                 if entry is None:
                     self.send_error(404)

@@ -173,6 +173,15 @@ def test_the_operator_reads_back_what_the_values_say(helm: Path) -> None:
         "concurrency": {"workers": 3, "heavyWorkers": 1},
         "resyncSeconds": 120,
         "extraBuckets": ["archive", "staging"],
+        "workerCredentials": {
+            "mode": "static",
+            "stsEndpoint": "https://sts.example.com",
+            "roleArn": "arn:aws:iam::1:role/w",
+            "seconds": 7200,
+            "renewSeconds": 600,
+        },
+        "webhookAllowNets": ["10.30.0.0/16"],
+        "denyEndpoints": ["vault.vault.svc:8200"],
         "minStatusWriteSeconds": 4,
     }
     env = {**plain_env(render(helm, values)), "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "s"}
@@ -197,6 +206,14 @@ def test_the_operator_reads_back_what_the_values_say(helm: Path) -> None:
     assert (settings.workers, settings.heavy_workers) == (3, 1)
     assert settings.resync_seconds == 120
     assert settings.allowed_buckets == ("catalog", "archive", "staging")
+    assert settings.worker_credentials == "static"
+    assert (settings.sts_endpoint, settings.sts_role_arn) == (
+        "https://sts.example.com",
+        "arn:aws:iam::1:role/w",
+    )
+    assert (settings.credential_seconds, settings.credential_renew_seconds) == (7200, 600)
+    assert settings.webhook_allow_nets == "10.30.0.0/16"
+    assert settings.deny_endpoints == "vault.vault.svc:8200"
     assert settings.min_write_seconds == 4
 
 
@@ -222,6 +239,13 @@ def test_defaults_give_the_operators_own_defaults(helm: Path) -> None:
         "max_parallelism",
         "max_running_per_namespace",
         "extra_buckets",
+        "worker_credentials",
+        "sts_endpoint",
+        "sts_role_arn",
+        "credential_seconds",
+        "credential_renew_seconds",
+        "webhook_allow_nets",
+        "deny_endpoints",
         "webhook_schedule",
         "webhook_timeout_seconds",
         "workers",
