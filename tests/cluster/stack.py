@@ -375,9 +375,11 @@ class LocalCluster:
     def is_running(self, name: str) -> bool:
         return self._process(name).poll() is None
 
-    def stop_server(self, name: str, *, kill: bool = False) -> None:
+    def stop_server(self, name: str, *, kill: bool = False, grace: float = 5.0) -> None:
         """Stop one server (SIGTERM, or SIGKILL when ``kill``) and wait until it is gone.
 
+        After SIGTERM a server gets ``grace`` seconds, then SIGKILL: kube-apiserver stops
+        listening at once but its process lingers for half a minute on open watches.
         Its entry stays in ``processes`` (exited), so ``stop()`` still accounts for it.
         """
         process = self._process(name)
@@ -388,7 +390,7 @@ class LocalCluster:
         except ProcessLookupError:
             pass
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
