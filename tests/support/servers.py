@@ -102,6 +102,12 @@ class ImageServer(_Server):
                     outer.hits[self.path] = outer.hits.get(self.path, 0) + 1
                 if outer.latency > 0:
                     time.sleep(outer.latency)
+                try:
+                    self._answer()
+                except OSError:
+                    pass  # the client went away (a killed worker or operator)
+
+            def _answer(self) -> None:
                 entry = outer.files.get(self.path)
                 if entry is None:
                     self.send_error(404)
@@ -116,13 +122,10 @@ class ImageServer(_Server):
                     self.wfile.write(body)
                     return
                 piece = -(-len(body) // outer.PIECES)
-                try:
-                    for start in range(0, len(body), piece):
-                        self.wfile.write(body[start : start + piece])
-                        self.wfile.flush()
-                        time.sleep(spread / outer.PIECES)
-                except OSError:
-                    pass  # the client went away (e.g. a killed operator)
+                for start in range(0, len(body), piece):
+                    self.wfile.write(body[start : start + piece])
+                    self.wfile.flush()
+                    time.sleep(spread / outer.PIECES)
 
         super().__init__(Handler)
 
