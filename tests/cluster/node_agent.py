@@ -665,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # The agent logs each failed write itself; urllib3's per-connection retries add nothing.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     agent = NodeAgent(args.kubeconfig, args.server, args.ca, args.workdir)
 
     def on_signal(signum: int, frame: object) -> None:
