@@ -265,14 +265,6 @@ class Drill:
             response.close()
             response.release_conn()
 
-    def stored_images(self) -> set[str]:
-        return {
-            o.object_name or ""
-            for o in self.storage.list_objects(
-                OUTPUT_BUCKET, prefix=f"{self.prefix}images/", recursive=True
-            )
-        }
-
     # -- waiting --------------------------------------------------------------
 
     def wait(
