@@ -18,7 +18,7 @@ import yaml
 from tests.cluster.stack import LocalCluster
 from tests.e2e.conftest import OperatorProcess, apply, get_batch, wait_batch
 from tests.e2e.conftest import imagebatch as batch
-from tests.support.servers import ImageServer, WebhookReceiver
+from tests.support.servers import Answer, ImageServer, WebhookReceiver
 
 pytestmark = pytest.mark.e2e
 
@@ -81,10 +81,8 @@ def test_hundreds_of_batches_are_all_taken_up_and_one_more_starts_at_once(
 def test_a_webhook_retry_after_is_kept_across_a_restart_and_delivered_once(
     cluster: LocalCluster, namespace: str, operator: OperatorProcess, images: ImageServer
 ) -> None:
-    answers = {1: (503, {"Retry-After": "12"})}
     hook = WebhookReceiver(
-        answers=lambda n: answers.get(n, (204, {}))[0],
-        answer_headers=lambda n: answers.get(n, (204, {}))[1],
+        answers=lambda n: Answer(503, {"Retry-After": "12"}) if n == 1 else Answer(204)
     ).start()
     try:
         csv = f"S. No.,Product Name,Input Image Urls\n1,P,{images.url}/many/1.jpg\n"

@@ -187,7 +187,7 @@ def test_a_credential_is_renewed_mid_run_and_the_batch_completes(
 ) -> None:
     slow = ImageServer(
         {f"/slow/{i}.jpg": (photo(160, 120, 200 + i), "image/jpeg") for i in range(12)},
-        delay=1.5,
+        latency=1.5,
     )
     # A margin longer than the credential's life: it is due for renewal at every look.
     saved = dict(operator.env)
@@ -259,7 +259,7 @@ def test_caps_refuse_or_queue_with_a_message_naming_them(
     cluster: LocalCluster, namespace: str, operator: OperatorProcess
 ) -> None:
     slow = ImageServer(
-        {f"/q/{i}.jpg": (photo(120, 90, 300 + i), "image/jpeg") for i in range(6)}, delay=1.0
+        {f"/q/{i}.jpg": (photo(120, 90, 300 + i), "image/jpeg") for i in range(6)}, latency=1.0
     )
     saved = dict(operator.env)
     operator.env.update(
@@ -286,7 +286,7 @@ def test_caps_refuse_or_queue_with_a_message_naming_them(
             ready = condition(ib, "Ready")
             assert ready["reason"] == "OverLimit" and words in ready["message"], ready
         # One batch in progress at a time: the second waits, queued, then runs.
-        slow.delay = 6.0  # the first batch stays in progress a while
+        slow.latency = 6.0  # the first batch stays in progress a while
         apply(cluster, namespace, batch("first", {"inline": three}))
         wait_batch(cluster, namespace, "first", ("Running",))
         apply(cluster, namespace, batch("second", {"inline": three}))
