@@ -192,15 +192,31 @@ class Kube:
         return True
 
     def replace_secret(self, manifest: Mapping[str, Any], resource_version: str) -> None:
-        """Write a Secret whole, only if it is still the version that was read."""
+        """Rewrite a Secret's data, labels and annotations, only if it is still the version
+        that was read (a merge patch: RBAC needs ``patch``, not ``update``)."""
         meta = manifest["metadata"]
-        body = {**manifest, "metadata": {**meta, "resourceVersion": resource_version}}
+        data = {
+            key: base64.b64encode(str(value).encode()).decode()
+            for key, value in (manifest.get("stringData") or {}).items()
+        }
+        body = {
+            "metadata": {
+                "resourceVersion": resource_version,
+                "labels": meta.get("labels") or {},
+                "annotations": meta.get("annotations") or {},
+            },
+            "data": data,
+        }
         self._call(
-            "update",
+            "patch",
             "secrets",
             f"secret {meta['namespace']}/{meta['name']}",
-            lambda: self.core.replace_namespaced_secret(
-                meta["name"], meta["namespace"], body, _request_timeout=_TIMEOUT
+            lambda: self.core.patch_namespaced_secret(
+                meta["name"],
+                meta["namespace"],
+                body,
+                _content_type=_MERGE,
+                _request_timeout=_TIMEOUT,
             ),
         )
 
