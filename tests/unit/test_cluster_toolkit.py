@@ -1,4 +1,4 @@
-"""The local cluster toolkit's pure parts: replace-line generation and kubelet-style env."""
+"""The local cluster toolkit's pure parts: replace lines, kubelet-style env, the log endpoint."""
 
 from __future__ import annotations
 
@@ -248,3 +248,59 @@ def test_terminal_phase_needs_every_container_to_exit_zero(
     codes: dict[str, int], phase: str
 ) -> None:
     assert node_agent.terminal_phase(codes) == phase
+
+
+_LOGS = "/containerLogs/ns/pod-1/worker"
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        pytest.param(_LOGS, node_agent.LogRequest("ns", "pod-1", "worker"), id="plain"),
+        pytest.param(
+            f"{_LOGS}?follow=true&tailLines=10&limitBytes=500&timestamps=true",
+            node_agent.LogRequest("ns", "pod-1", "worker", True, 10, 500),
+            id="kubectl logs -f --tail=10 --limit-bytes=500",
+        ),
+        pytest.param(
+            f"{_LOGS}?follow=false", node_agent.LogRequest("ns", "pod-1", "worker"), id="no follow"
+        ),
+    ],
+)
+def test_log_requests_are_read_as_the_kubelet_reads_them(
+    target: str, expected: node_agent.LogRequest
+) -> None:
+    assert node_agent.parse_log_request(target) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "message"),
+    [
+        pytest.param("/containerLogs/ns/pod", 404, "not found", id="no container"),
+        pytest.param("/stats/summary", 404, "not found", id="another kubelet path"),
+        pytest.param(f"{_LOGS}?tailLines=x", 400, "tailLines must be an integer", id="tail"),
+        pytest.param(f"{_LOGS}?limitBytes=-1", 400, "must not be negative", id="negative"),
+        pytest.param(f"{_LOGS}?previous=true", 400, "previous container logs", id="previous"),
+    ],
+)
+def test_log_requests_the_agent_cannot_answer_say_why(
+    target: str, status: int, message: str
+) -> None:
+    with pytest.raises(node_agent.BadLogRequest, match=message) as raised:
+        node_agent.parse_log_request(target)
+    assert raised.value.status == status
+
+
+@pytest.mark.parametrize(
+    ("tail", "limit", "expected"),
+    [
+        (None, None, b"a\nb\nc\n"),
+        (2, None, b"b\nc\n"),
+        (0, None, b""),
+        (10, None, b"a\nb\nc\n"),
+        (None, 3, b"a\nb"),
+        (2, 3, b"b\nc"),
+    ],
+)
+def test_tail_lines_then_limit_bytes(tail: int | None, limit: int | None, expected: bytes) -> None:
+    assert node_agent.select_log(b"a\nb\nc\n", tail, limit) == expected
