@@ -250,6 +250,23 @@ def test_terminal_phase_needs_every_container_to_exit_zero(
     assert node_agent.terminal_phase(codes) == phase
 
 
+def test_the_kstatus_tool_pins_the_library_version_the_build_names() -> None:
+    go_mod = (build.REPO_ROOT / "tests" / "kstatus" / "go.mod").read_text()
+    assert f"sigs.k8s.io/cli-utils {build.CLI_UTILS_VERSION}\n" in go_mod
+
+
+def test_a_tool_built_from_this_repository_is_cached_by_version_and_content(
+    tmp_path: Any,
+) -> None:
+    (tmp_path / "main.go").write_text("package main\n")
+    first = build.source_digest(tmp_path)
+    assert build.source_digest(tmp_path) == first
+    (tmp_path / "main.go").write_text("package main // edited\n")
+    assert build.source_digest(tmp_path) != first
+    kstatus = next(b for b in build.BINARIES if b.name == "kstatus")
+    assert kstatus.cache_name.startswith(f"kstatus-{build.CLI_UTILS_VERSION}-")
+
+
 _LOGS = "/containerLogs/ns/pod-1/worker"
 
 
