@@ -52,10 +52,15 @@ class _Server:
 
 
 class ImageServer(_Server):
-    """Serves ``files`` by path; anything else is 404. ``hits`` counts requests per path."""
+    """Serves ``files`` by path; anything else is 404. ``hits`` counts requests per path.
+
+    ``failures`` maps a path to a status code answered instead of its file (an image host
+    that is down, or a file not published yet), for as long as the entry is there.
+    """
 
     def __init__(self, files: dict[str, tuple[bytes, str]]):
         self.files = files
+        self.failures: dict[str, int] = {}
         self.hits: dict[str, int] = {}
         lock = threading.Lock()
         outer = self
@@ -67,6 +72,10 @@ class ImageServer(_Server):
             def do_GET(self) -> None:
                 with lock:
                     outer.hits[self.path] = outer.hits.get(self.path, 0) + 1
+                    failure = outer.failures.get(self.path)
+                if failure is not None:
+                    self.send_error(failure)
+                    return
                 entry = outer.files.get(self.path)
                 if entry is None:
                     self.send_error(404)
