@@ -52,11 +52,13 @@ func fromStdin() *unstructured.Unstructured {
 	if err != nil {
 		fail("reading stdin: %v", err)
 	}
-	obj := map[string]interface{}{}
-	if err := json.Unmarshal(data, &obj); err != nil {
-		fail("stdin is not a JSON object: %v", err)
+	// Decoded as the API machinery decodes objects (whole numbers as int64), which is
+	// what status.Compute reads generation and observedGeneration as.
+	obj := &unstructured.Unstructured{}
+	if err := obj.UnmarshalJSON(data); err != nil {
+		fail("stdin is not a Kubernetes object in JSON: %v", err)
 	}
-	return &unstructured.Unstructured{Object: obj}
+	return obj
 }
 
 // fromCluster reads one object; nil when it does not exist.
