@@ -353,7 +353,11 @@ def run_retry(
     token = submit.retry_token()
     patched = kubectl.patch(RESOURCE, name, {"spec": {"retry": token}})
     generation = int(patched["metadata"].get("generation", 0))
-    what = f"{failed} failed images" if failed else "the images without an output"
+    what = (
+        f"{failed} failed image{'s' if failed != 1 else ''}"
+        if failed
+        else "the images without an output"
+    )
     console.say(
         f"imagebatch.imagebatch.dev/{name} retry {token} (generation {generation}): "
         f"a new run for {what}"

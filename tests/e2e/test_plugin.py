@@ -26,6 +26,7 @@ import yaml
 from minio import Minio
 from minio.credentials.providers import AssumeRoleProvider
 
+from tests.cluster import pki
 from tests.cluster.stack import LocalCluster
 from tests.e2e.conftest import (
     OUTPUT_BUCKET,
@@ -398,3 +399,48 @@ def test_exit_codes_a_script_can_use(
     wait_batch(cluster, namespace, "paused", ("Succeeded",))
     ok = kubectl_imagebatch("status", "paused", "-n", namespace)
     assert ok.code == 0 and "Phase:     Succeeded (Succeeded)" in ok.out
+
+
+ROLE = Path(__file__).resolve().parents[2] / "examples" / "rbac" / "kubectl-imagebatch-user.yaml"
+
+
+def test_the_example_role_is_all_a_user_needs(
+    kubectl_imagebatch: Any,
+    cluster: LocalCluster,
+    namespace: str,
+    image_host: ImageServer,
+    tmp_path: Path,
+) -> None:
+    # Jane: a service account bound to the example Role only, her own kubeconfig.
+    cluster.kubectl("apply", "-n", namespace, "-f", str(ROLE))
+    cluster.kubectl("create", "serviceaccount", "jane", "-n", namespace)
+    cluster.kubectl(
+        "create", "rolebinding", "jane", "-n", namespace,
+        "--role=imagebatch-user", f"--serviceaccount={namespace}:jane",
+    )  # fmt: skip
+    token = cluster.kubectl("create", "token", "jane", "-n", namespace).strip()
+    kubeconfig = tmp_path / "jane.kubeconfig"
+    kubeconfig.write_text(
+        pki.token_kubeconfig(cluster.server, cluster.workdir / "pki" / "ca.crt", token, namespace)
+    )
+    jane = ["--kubeconfig", str(kubeconfig)]  # her context's namespace is the test's
+    assert not cluster.kubectl_ok("--kubeconfig", str(kubeconfig), "get", "secrets")
+
+    rows = [f"{i},SKU {i} {'x' * 80},{url(image_host, i % 6)}" for i in range(1, 401)]
+    (tmp_path / "big.csv").write_text(HEADER + "\n".join(rows) + "\n")  # a ConfigMap's worth
+    submitted = kubectl_imagebatch("submit", "big.csv", *jane, "--wait")
+    assert submitted.code == 0, submitted
+    assert "(CSV ConfigMap big-csv)" in submitted.out
+    assert "warning" not in submitted.err  # the owner reference was set
+    for args in (
+        ["status", "big"],
+        ["status"],
+        ["logs", "big", "--shard", "0"],
+        ["retry", "big", "--force", "--wait"],
+        ["results", "big"],
+    ):
+        ran = kubectl_imagebatch(*args, *jane)
+        assert ran.code == 0, (args, ran)
+    # And she cannot reach what the Role leaves out: another namespace.
+    elsewhere = kubectl_imagebatch("status", *jane, "-n", "default")
+    assert elsewhere.code == 3 and "forbidden" in elsewhere.err
