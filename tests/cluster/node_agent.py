@@ -157,10 +157,7 @@ class LogServer:
         context.load_cert_chain(str(cert), str(key))
         context.load_verify_locations(str(client_ca))
         context.verify_mode = ssl.CERT_REQUIRED
-        handler = _log_handler(agent)
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.httpd = _TlsServer(("127.0.0.1", 0), _log_handler(agent), context)
         self.port: int = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -168,11 +165,46 @@ class LogServer:
         self.thread.start()
 
 
+class _TlsServer(ThreadingHTTPServer):
+    """TLS with the handshake in each connection's own thread, under a timeout.
+
+    Wrapping the listening socket would run every handshake in the accept loop: one
+    client that connects and says nothing (a port probe from another program on this
+    machine) would then stall every later ``kubectl logs``.
+    """
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        context: ssl.SSLContext,
+    ):
+        self.context = context
+        super().__init__(address, handler)
+
+    def get_request(self) -> tuple[Any, Any]:
+        connection, address = self.socket.accept()
+        wrapped = self.context.wrap_socket(
+            connection, server_side=True, do_handshake_on_connect=False
+        )
+        return wrapped, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("log endpoint: connection from %s failed", client_address, exc_info=True)
+
+
 def _log_handler(agent: NodeAgent) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         # HTTP/1.0: the body ends when the connection closes, which is what a followed
         # log needs (no length is known up front).
         protocol_version = "HTTP/1.0"
+        timeout = 30  # seconds for the handshake and any one read or write
+
+        def setup(self) -> None:
+            super().setup()
+            self.connection.do_handshake()
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("log endpoint: " + format, *args)

@@ -7,6 +7,7 @@ MinIO, and the node agent running pods as processes. Nothing here is mocked.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import textwrap
 import time
@@ -354,10 +355,18 @@ def test_kubectl_logs_shows_a_pods_output(cluster: LocalCluster, namespace: str)
         },
     }
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(pod))
+    # A client that connects to the node's log port and never speaks TLS (a port probe
+    # from another program) must not hold up anyone else's logs.
+    port = cluster.kubectl(
+        "get", "node", "imagebatch-node",
+        "-o", "jsonpath={.status.daemonEndpoints.kubeletEndpoint.Port}",
+    )  # fmt: skip
+    silent = socket.create_connection(("127.0.0.1", int(port)))
     cluster.wait_for(
         lambda: "line 2" in cluster.kubectl("logs", "talker", "-n", namespace, check=False),
         "the first lines in kubectl logs",
     )
+    silent.close()
     # Followed while running: kubectl returns once the container has exited, with
     # everything it wrote.
     followed = cluster.kubectl("logs", "-f", "talker", "-n", namespace)
