@@ -62,15 +62,22 @@ def kubectl_imagebatch(
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> Ran:
         # Only what a user's shell would have: no operator credentials in the environment.
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "AWS_"))}
-        result = subprocess.run(
-            ["kubectl", "imagebatch", *args],
-            cwd=tmp_path,
-            env={**clean, **base, "PATH": path, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        try:
+            result = subprocess.run(
+                ["kubectl", "imagebatch", *args],
+                cwd=tmp_path,
+                env={**clean, **base, "PATH": path, **(env or {})},
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as hung:  # show what it printed before it hung
+            out, err = (
+                b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+                for b in (hung.stdout, hung.stderr)
+            )
+            return Ran(-1, out, f"{err}\n[killed after {timeout:.0f}s: {args}]")
         return Ran(result.returncode, result.stdout, result.stderr)
 
     yield run
@@ -311,6 +318,9 @@ def test_a_csv_over_32_kib_goes_in_a_configmap_that_goes_with_the_batch(
     wait_until(
         lambda: not cluster.kubectl_ok("get", "configmap", "autumn-catalog-csv", "-n", namespace),
         "the garbage collector to delete the CSV's ConfigMap with its batch",
+        # The collector looks for new resource types every 30 s: a CRD installed just
+        # before may not be watched yet.
+        timeout=90,
     )
 
 
