@@ -127,8 +127,10 @@ def local_values(cluster: LocalCluster, liveness_port: int) -> dict[str, Any]:
         "publicUrl": public_bucket(cluster),
         # The sample servers live on loopback, which a real install never allows.
         "allowNets": ["127.0.0.0/8"],
+        "webhookAllowNets": ["127.0.0.0/8"],
         # The pod is a local process here: its port is a port of this machine.
         "liveness": {"port": liveness_port, "bindAddress": "127.0.0.1"},
+        "metrics": {"port": free_port(), "bindAddress": "127.0.0.1"},
         "image": {"tag": "local"},
         # Webhook retries seconds apart, not hours.
         "webhook": {"schedule": [0, 1, 2, 5, 10]},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import urllib3
 from minio import Minio
@@ -219,3 +220,57 @@ class Storage:
         if errors:
             raise StorageUnavailable(f"delete {bucket}/{prefix}: {len(errors)} objects failed")
         return len(keys)
+
+    def assume_role(
+        self,
+        policy: str,
+        seconds: int,
+        *,
+        endpoint: str = "",
+        role_arn: str = "",
+        session_name: str = "",
+    ) -> TemporaryCredentials:
+        """A temporary credential limited by ``policy`` (S3 STS AssumeRole).
+
+        The store grants the intersection of this client's own rights and the session
+        policy. ``endpoint`` is the STS endpoint (default: the store's own, as MinIO
+        serves STS there); ``role_arn`` is required by AWS and ignored by MinIO.
+        """
+        from minio.credentials.providers import AssumeRoleProvider
+
+        settings = self.settings
+        scheme = "https" if settings.secure else "http"
+        provider = AssumeRoleProvider(
+            sts_endpoint=endpoint or f"{scheme}://{settings.endpoint}",
+            access_key=settings.access_key,
+            secret_key=settings.secret_key,
+            duration_seconds=seconds,
+            policy=policy,
+            region=settings.region or "",
+            role_arn=role_arn or None,
+            role_session_name=session_name or None,
+        )
+        try:
+            issued = provider.retrieve()
+        except (ValueError, urllib3.exceptions.HTTPError, OSError) as error:
+            # The provider's message names the endpoint and the status, never a key.
+            raise StorageUnavailable(f"assume role: {error}") from error
+        return TemporaryCredentials(
+            access_key=issued.access_key,
+            secret_key=issued.secret_key,
+            session_token=issued.session_token or "",
+            expiration=issued.expiration.replace(tzinfo=UTC) if issued.expiration else None,
+        )
+
+
+@dataclass(frozen=True)
+class TemporaryCredentials:
+    """What STS issues: keys, a session token and when they stop working."""
+
+    access_key: str
+    secret_key: str
+    session_token: str
+    expiration: datetime | None
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"TemporaryCredentials(expiration={self.expiration})"

@@ -64,10 +64,12 @@ class Tasks(Protocol):
 
 
 class Credentials(Protocol):
-    """Makes sure a run's worker credentials exist in the batch's namespace."""
+    """Makes sure a run's worker credentials exist, fresh, in the batch's namespace."""
 
-    def ensure(self, obs: Observation, run: str) -> Reason | None:
-        """None when the Secret is in place; else why it cannot be (a refusal reason)."""
+    def ensure(
+        self, obs: Observation, run: str, memory: RunMemory, now: datetime.datetime
+    ) -> tuple[Reason | None, bool]:
+        """(why it cannot be, or None; whether an expiring credential was renewed)."""
         ...
 
 
@@ -95,6 +97,7 @@ class Actor:
         tasks: Tasks,
         credentials: Credentials,
         clock: Callable[[], float] = time.monotonic,
+        on_webhook: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self.settings = settings
         self.kube = kube
@@ -103,6 +106,7 @@ class Actor:
         self.tasks = tasks
         self.credentials = credentials
         self.clock = clock
+        self.on_webhook = on_webhook  # each delivery attempt's outcome (metrics)
 
     def url_of(self, bucket: str, key: str) -> str:
         """Public URL of an object: under the public base, else a presigned GET."""
@@ -146,7 +150,16 @@ class Actor:
             elif isinstance(action, StartMerge):
                 self.tasks.start_merge(obs, action.run)
             elif isinstance(action, EnsureCredentials):
-                refused = self.credentials.ensure(obs, action.run)
+                refused, renewed = self.credentials.ensure(obs, action.run, memory, obs.now)
+                if renewed:
+                    events.append(
+                        Event(
+                            "Normal",
+                            EventReason.CREDENTIALS_RENEWED,
+                            f"run {action.run}: storage credentials renewed before they expire; "
+                            "pods started from now on use the new ones",
+                        )
+                    )
                 if refused is not None and view is not None:
                     message = (
                         f"the Secret {plan.storage_secret_name(obs.ref)} exists and is not this "
@@ -270,6 +283,13 @@ class Actor:
         )
         if event is not None:
             events.append(event)
+        self.on_webhook(
+            {
+                Reason.WEBHOOK_DELIVERED: "delivered",
+                Reason.WEBHOOK_GONE: "gone",
+                Reason.WEBHOOK_FAILED: "failed",
+            }.get(state, "retrying")
+        )
         view = replace(view, webhook=new, webhook_state=state, webhook_message=message)
         return view, events, wait
 

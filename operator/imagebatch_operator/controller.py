@@ -28,12 +28,13 @@ from typing import Any
 from imagebatch_common.storage import Storage, StorageError
 from imagebatch_operator import plan
 from imagebatch_operator.act import Actor
-from imagebatch_operator.credentials import StaticCredentials
+from imagebatch_operator.credentials import Credentials
 from imagebatch_operator.decide import (
     IngestOutcome,
     JobView,
     MergeOutcome,
     Observation,
+    ShardTally,
     Task,
     current_run,
     decide,
@@ -43,6 +44,7 @@ from imagebatch_operator.fetching import Poster
 from imagebatch_operator.ingest import Ingest
 from imagebatch_operator.kube import ApiUnavailable, Conflict, Kube
 from imagebatch_operator.merge import Merge, MergeInput
+from imagebatch_operator.metrics import Metrics
 from imagebatch_operator.observe import Observer
 from imagebatch_operator.settings import Settings
 from imagebatch_operator.sources import UrlOpener
@@ -91,8 +93,10 @@ class Controller:
         storage: Storage,
         poster: Poster,
         open_url: UrlOpener,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.kube = kube
         self.storage = storage
         self.queue: WorkQueue[Key] = WorkQueue()
@@ -104,12 +108,48 @@ class Controller:
         self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="reconcile")
         self.heavy = ThreadPoolExecutor(settings.heavy_workers, thread_name_prefix="ingest")
-        self.observer = Observer(settings, storage)
+        self.observer = Observer(settings, storage, self._count_tally)
         self.ingest = Ingest(settings, kube, storage, open_url)
-        self.actor = Actor(settings, kube, storage, poster, self, StaticCredentials(settings, kube))
+        self.actor = Actor(
+            settings,
+            kube,
+            storage,
+            poster,
+            self,
+            Credentials(settings, kube, storage),
+            on_webhook=lambda outcome: self.metrics.webhooks.labels(outcome).inc(),
+        )
         self.merge = Merge(storage, self.actor.url_of, settings.spool_dir)
         self._running: list[asyncio.Task[None]] = []
-        self.passes: Callable[[str, float], None] = lambda result, seconds: None
+        self._expensive = 0  # tasks submitted to the expensive pool and not yet done
+        self.metrics.watch_batches(self.phases)
+        self.metrics.watch_queue(self.queue.depth, self.queue.delayed, lambda: self._expensive)
+
+    def _count_tally(self, tally: ShardTally) -> None:
+        images = self.metrics.images
+        images.labels("succeeded").inc(tally.ok - tally.skipped)
+        images.labels("skipped").inc(tally.skipped)
+        images.labels("failed").inc(tally.failed)
+        self.metrics.image_bytes.labels("in").inc(tally.bytes_in)
+        self.metrics.image_bytes.labels("out").inc(tally.bytes_out)
+
+    def _count_pass(self, result: str, seconds: float) -> None:
+        self.metrics.reconciles.labels(result).inc()
+        self.metrics.reconcile_seconds.observe(seconds)
+
+    def _submit(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the expensive pool, counted while it waits or runs."""
+        with self._lock:
+            self._expensive += 1
+
+        def counted() -> None:
+            try:
+                work()
+            finally:
+                with self._lock:
+                    self._expensive -= 1
+
+        self.heavy.submit(counted)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -241,9 +281,11 @@ class Controller:
                 outcome = IngestOutcome("unavailable", f"validating failed: {error}"[:300])
             now = datetime.datetime.now(datetime.UTC)
             self._set_task(key, "ingest", Task(run, running=False, ingest=outcome, finished=now))
+            if outcome.plan is not None and outcome.plan.stored:
+                self.metrics.images.labels("skipped").inc(outcome.plan.stored)
             self.queue.add(key)
 
-        self.heavy.submit(work)
+        self._submit(work)
 
     def start_merge(self, obs: Observation, run: str) -> None:
         key = (obs.ref.namespace, obs.ref.name)
@@ -276,7 +318,7 @@ class Controller:
             self._set_task(key, "merge", Task(run, running=False, merge=outcome, finished=now))
             self.queue.add(key)
 
-        self.heavy.submit(work)
+        self._submit(work)
 
     # -- the pass -------------------------------------------------------------------
 
@@ -309,7 +351,7 @@ class Controller:
                 self.queue.add_after(key, delay)
             finally:
                 self.queue.done(key)
-                self.passes(result, time.monotonic() - started)
+                self._count_pass(result, time.monotonic() - started)
 
     def _backoff(self, key: Key) -> float:
         failures = self._failures.get(key, 0) + 1
@@ -348,12 +390,18 @@ class Controller:
         run, _ = current_run(obs) if not obs.deleting else ("", False)
         memory = self.observer.memory_of(key, run)
         was_finished = _finished(body)
+        was_run = (body.get("status") or {}).get("run")
         result = self.actor.execute(body, obs, decision, memory)
         if result.stored is not None:
             self.remember(result.stored)
             body = result.stored
         self._drop_consumed_tasks(key, body, run)
+        status = body.get("status") or {}
+        if status.get("run") and status.get("run") != was_run:
+            self.metrics.runs_started.inc()
         if not was_finished and _finished(body):
+            ready = condition(status, "Ready") or {}
+            self.metrics.finished(str(status.get("phase")), str(ready.get("reason")))
             self._wake_queued(key[0])
         return result.requeue_after
 

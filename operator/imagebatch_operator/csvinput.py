@@ -754,12 +754,21 @@ class CsvReader:
 
     def _check_header(self, cells: list[str], line: int) -> Header | None:
         """The header, or None when a required column is missing. A duplicate name or a
-        control character is a problem, but the rows are still checked."""
+        control character is a problem, but the rows are still checked.
+
+        Required columns are looked for first: a line without them is not our header, and
+        nothing of it is quoted back (see ``_missing_columns``).
+        """
+        names = [_normalise(c) for c in cells]
+        positions = {key: i for i, key in reversed(list(enumerate(names)))}
+        missing = [c for c in COLUMNS if _normalise(c) not in positions]
+        if missing:
+            self._problem(self._missing_columns(cells, missing, line))
+            return None
         for name in cells:
             control = _CONTROL.search(name)
             if control:
                 self._problem(CsvProblem(line, name, _control_message(control, "the header cell")))
-        names = [_normalise(c) for c in cells]
         first_at: dict[str, int] = {}
         for index, (name, normalised) in enumerate(zip(cells, names, strict=True)):
             if not name.strip():
@@ -781,11 +790,6 @@ class CsvReader:
                     "keep one, or rename the other",
                 )
             )
-        positions = {key: i for i, key in reversed(list(enumerate(names)))}
-        missing = [c for c in COLUMNS if _normalise(c) not in positions]
-        if missing:
-            self._problem(self._missing_columns(cells, missing, line))
-            return None
         return Header(
             columns=tuple(cells),
             separator=self._separator,
@@ -798,7 +802,11 @@ class CsvReader:
         )
 
     def _missing_columns(self, cells: list[str], missing: list[str], line: int) -> CsvProblem:
-        found = _excerpt_list(cells) if any(c.strip() for c in cells) else "no names"
+        # What was found is counted, never quoted: a file that is not the expected CSV
+        # may be anything (another team's object, a secret), and its first line must not
+        # travel into a status, an Event or errors.csv.
+        named = sum(1 for c in cells if c.strip())
+        found = f"{named} named column{'s' if named != 1 else ''}" if named else "no names"
         message = (
             f"the header needs the columns {_quoted_names(COLUMNS)}; missing: "
             f"{_quoted_names(missing)} (found {found}, read with the "

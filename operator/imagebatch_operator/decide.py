@@ -41,6 +41,8 @@ from imagebatch_operator.status import (
 SOURCE_RETRY_SECONDS = 15.0
 # How soon to retry an expensive task that failed for a passing reason (storage down).
 TASK_RETRY_SECONDS = 10.0
+# Least seconds between two renewals of one run's credential, however short its life.
+MIN_RENEW_SECONDS = 5.0
 
 _REFUSALS = {
     Reason.OUTPUT_NOT_ALLOWED,
@@ -146,6 +148,10 @@ class Observation:
     ingest: Task | None = None
     merge: Task | None = None
     seconds_since_write: float = 1e9  # since this operator last wrote the status
+    # When the run's worker credential expires, as last seen (None: not known yet), and
+    # when this process last issued one.
+    credentials_expire: datetime.datetime | None = None
+    credentials_issued: datetime.datetime | None = None
     # Tenancy: batches of the namespace started before this one and still in progress.
     namespace_active_before: int = 0
     webhook_secret_missing: bool = False
@@ -332,6 +338,18 @@ def view_from_status(obs: Observation, run: str, state: RunState) -> RunView:
     )
 
 
+def _renewal_time(obs: Observation, settings: Settings) -> datetime.datetime | None:
+    """When the run's temporary credential is due for renewal; None if it needs none."""
+    if settings.worker_credentials != "sts":
+        return None
+    if obs.credentials_expire is None:
+        return obs.now  # not seen yet by this process: look at the Secret
+    due = obs.credentials_expire - datetime.timedelta(seconds=settings.credential_renew_seconds)
+    if obs.credentials_issued is not None:
+        due = max(due, obs.credentials_issued + datetime.timedelta(seconds=MIN_RENEW_SECONDS))
+    return due
+
+
 def _refusal(obs: Observation, settings: Settings) -> tuple[Reason, str] | None:
     """Why this operator will not run the spec at all, or None."""
     spec = obs.spec
@@ -510,6 +528,13 @@ def decide(obs: Observation, settings: Settings) -> Decision:
                 actions.append(CreateJob(run, summary.shards, recreate=True))
             view = _base(obs, run, RunState.RUNNING, **progress)
             return done(view, settings.resync_seconds)
+        requeue = settings.resync_seconds
+        renew_at = _renewal_time(obs, settings)
+        if renew_at is not None:
+            if obs.now >= renew_at:
+                actions.append(EnsureCredentials(run))
+            else:
+                requeue = min(requeue, max((renew_at - obs.now).total_seconds(), MIN_RENEW_SECONDS))
         changes: dict[str, Any] = {}
         if job.suspended != spec.suspend:
             changes["suspend"] = spec.suspend
@@ -519,7 +544,7 @@ def decide(obs: Observation, settings: Settings) -> Decision:
         if changes:
             actions.append(PatchJob(job.name, changes))
         view = _base(obs, run, RunState.RUNNING, **progress)
-        return done(view, settings.resync_seconds, progress=True)
+        return done(view, requeue, progress=True)
 
     # Every shard has finished (or there was none): merge the results into output.csv.
     task = obs.merge if obs.merge is not None and obs.merge.run == run else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import requests
 
@@ -20,16 +21,35 @@ from imagebatch_common.failures import ImageFailure
 from imagebatch_common.fetch import Fetcher, FetchSettings, PinnedAdapter
 from imagebatch_common.redact import redact_text
 from imagebatch_common.retry import retry_after_seconds
-from imagebatch_common.urlguard import AddressPolicy, resolve_target
+from imagebatch_common.urlguard import AddressPolicy, parse_endpoints, resolve_target
 from imagebatch_operator.settings import Settings
 from imagebatch_operator.sources import CHUNK, SourceUnavailable, UrlOpener
 from imagebatch_operator.webhook import Attempt, classify
+
+
+def cluster_endpoints(settings: Settings, api_server: str) -> str:
+    """The endpoints no fetcher may reach, resolved now: ``address:port,...``.
+
+    The object store's, the Kubernetes API server's (``api_server`` is its URL) and any
+    the settings add. An allowed network never opens them (a URL naming the store
+    could otherwise read or write with a worker's credential, or probe the API).
+    """
+    parsed = urlsplit(api_server)
+    api_port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    names = [settings.storage.endpoint, f"{parsed.hostname}:{api_port}"]
+    names += [n for n in settings.deny_endpoints.replace(" ", ",").split(",") if n]
+    endpoints = parse_endpoints(",".join(names))
+    return ",".join(
+        f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        for address, port in sorted(endpoints)
+    )
 
 
 def csv_url_opener(settings: Settings) -> UrlOpener:
     """Download a CSV under the guard, capped at the CSV byte limit."""
     fetch_settings = FetchSettings(
         allow_nets=parse_networks(settings.allow_nets),
+        deny=parse_endpoints(settings.deny_endpoints),
         max_bytes=settings.csv_limits.max_bytes,
         total_timeout=120.0,
         pool_size=1,
@@ -60,8 +80,8 @@ def csv_url_opener(settings: Settings) -> UrlOpener:
 class GuardedPoster:
     """POSTs to a URL only after its address passed the guard, connecting to that address."""
 
-    def __init__(self, allow_nets: str):
-        self.policy = AddressPolicy(parse_networks(allow_nets))
+    def __init__(self, allow_nets: str, deny_endpoints: str = ""):
+        self.policy = AddressPolicy(parse_networks(allow_nets), parse_endpoints(deny_endpoints))
 
     def post(
         self, url: str, data: bytes, headers: Mapping[str, str], timeout: float

@@ -11,17 +11,18 @@ last-handled annotations, and no kopf finalizer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import kopf
 
-from imagebatch_common.storage import Storage
 from imagebatch_operator import plan
 from imagebatch_operator.controller import Controller, Key
 from imagebatch_operator.decide import JobView
-from imagebatch_operator.fetching import GuardedPoster, csv_url_opener
+from imagebatch_operator.fetching import GuardedPoster, cluster_endpoints, csv_url_opener
 from imagebatch_operator.kube import Kube
+from imagebatch_operator.metrics import MeteredStorage, Metrics
 from imagebatch_operator.observe import job_view, owner_batch
 from imagebatch_operator.settings import Settings
 
@@ -39,14 +40,26 @@ async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    metrics = Metrics()
+    kube = Kube()
     operator_settings = Settings.from_env()
+    operator_settings = dataclasses.replace(
+        operator_settings,
+        deny_endpoints=cluster_endpoints(operator_settings, kube.api.configuration.host),
+    )
+    kube.on_request = lambda verb, resource, code: metrics.kube_requests.labels(
+        verb, resource, code
+    ).inc()
     controller = Controller(
         operator_settings,
-        Kube(),
-        Storage(operator_settings.storage),
-        GuardedPoster(operator_settings.allow_nets),
+        kube,
+        MeteredStorage(operator_settings.storage, metrics),
+        GuardedPoster(operator_settings.webhook_allow_nets, operator_settings.deny_endpoints),
         csv_url_opener(operator_settings),
+        metrics,
     )
+    if operator_settings.metrics_port:
+        metrics.serve(operator_settings.metrics_port, operator_settings.metrics_address)
     memo["controller"] = controller
     await controller.start()
     logging.getLogger("imagebatch").info(

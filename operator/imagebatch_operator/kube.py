@@ -191,20 +191,16 @@ class Kube:
             return False
         return True
 
-    def replace_secret_data(
-        self, namespace: str, name: str, string_data: Mapping[str, str], resource_version: str
-    ) -> None:
-        """Rewrite a Secret's data, only if it is still the version that was read."""
-        body = {
-            "metadata": {"resourceVersion": resource_version},
-            "stringData": dict(string_data),
-        }
+    def replace_secret(self, manifest: Mapping[str, Any], resource_version: str) -> None:
+        """Write a Secret whole, only if it is still the version that was read."""
+        meta = manifest["metadata"]
+        body = {**manifest, "metadata": {**meta, "resourceVersion": resource_version}}
         self._call(
-            "patch",
+            "update",
             "secrets",
-            f"secret {namespace}/{name}",
-            lambda: self.core.patch_namespaced_secret(
-                name, namespace, body, _request_timeout=_TIMEOUT
+            f"secret {meta['namespace']}/{meta['name']}",
+            lambda: self.core.replace_namespaced_secret(
+                meta["name"], meta["namespace"], body, _request_timeout=_TIMEOUT
             ),
         )
 

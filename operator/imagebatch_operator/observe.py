@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,14 +95,23 @@ class RunMemory:
     plan: PlanSummary | None = None
     tallies: dict[int, ShardTally] = field(default_factory=dict)
     last_write: float = 0.0  # monotonic time of this process's last status write
+    credentials_expire: datetime.datetime | None = None  # of the run's worker Secret
+    credentials_issued: datetime.datetime | None = None  # when this process minted it
+    credentials_run: str = ""
 
 
 class Observer:
     """Builds observations; owns the per-run read caches."""
 
-    def __init__(self, settings: Settings, storage: Storage) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        on_tally: Callable[[ShardTally], None] = lambda tally: None,
+    ) -> None:
         self.settings = settings
         self.storage = storage
+        self.on_tally = on_tally  # each shard result read for the first time (metrics)
         self.memory: dict[tuple[str, str], RunMemory] = {}
         self._lock = threading.Lock()
 
@@ -166,6 +175,7 @@ class Observer:
         if job is not None and state is RunState.RUNNING:
             for index in sorted(job.completed - memory.tallies.keys()):
                 memory.tallies[index] = self._read_tally(bucket, prefix, run, index)
+                self.on_tally(memory.tallies[index])
         return Observation(
             now=now,
             ref=ref,
@@ -179,6 +189,8 @@ class Observer:
             ingest=base.ingest,
             merge=base.merge,
             seconds_since_write=monotonic - memory.last_write,
+            credentials_expire=memory.credentials_expire,
+            credentials_issued=memory.credentials_issued,
             namespace_active_before=namespace_active_before,
         )
 

@@ -8,6 +8,7 @@ run always give the same names, keys and manifests, so every create is idempoten
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -142,7 +143,12 @@ def labels(batch: BatchRef, run: str) -> dict[str, str]:
     }
 
 
-def build_storage_secret(batch: BatchRef, run: str, credentials: dict[str, str]) -> dict[str, Any]:
+ANNOTATION_EXPIRES = f"{GROUP}/expires-at"
+
+
+def build_storage_secret(
+    batch: BatchRef, run: str, credentials: dict[str, str], expires: str = ""
+) -> dict[str, Any]:
     """The worker's storage credentials, in the batch's namespace, owned by the batch."""
     return {
         "apiVersion": "v1",
@@ -151,6 +157,7 @@ def build_storage_secret(batch: BatchRef, run: str, credentials: dict[str, str])
         "metadata": {
             "name": storage_secret_name(batch),
             "namespace": batch.namespace,
+            "annotations": {ANNOTATION_EXPIRES: expires} if expires else {},
             "labels": {
                 "app.kubernetes.io/name": "imagebatch",
                 "app.kubernetes.io/managed-by": "imagebatch-operator",
@@ -161,6 +168,44 @@ def build_storage_secret(batch: BatchRef, run: str, credentials: dict[str, str])
         },
         "stringData": credentials,
     }
+
+
+def session_policy(bucket: str, prefix: str, run: str) -> str:
+    """The session policy of a run's worker credential: exactly the run's keys.
+
+    Read and write under the run's own ``.runs/<run>/`` (manifests in, results and
+    attempt markers out) and the batch's ``images/``; list only ``images/``. Nothing of
+    another prefix, run or bucket, no delete, no bucket operation. Minified and with each
+    resource named once: S3 stores cap a session policy at 2048 characters, and the
+    longest bucket, namespace and prefix the CRD allows stay well under (a unit test
+    checks it).
+    """
+    arn = f"arn:aws:s3:::{bucket}"
+    document = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"],
+                "Resource": [f"{arn}/{prefix}.runs/{run}/*", f"{arn}/{prefix}images/*"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket"],
+                "Resource": [arn],
+                "Condition": {"StringLike": {"s3:prefix": [f"{prefix}images/*"]}},
+            },
+        ],
+    }
+    return json.dumps(document, separators=(",", ":"))
+
+
+def credentials_data(access_key: str, secret_key: str, session_token: str = "") -> dict[str, str]:
+    """The Secret keys a worker's env reads (``sessionToken`` only with temporary ones)."""
+    data = {"accessKey": access_key, "secretKey": secret_key}
+    if session_token:
+        data["sessionToken"] = session_token
+    return data
 
 
 def _secret_env(name: Env, secret: str, key: str, optional: bool = False) -> dict[str, Any]:
@@ -194,6 +239,7 @@ def build_job(
         {"name": Env.PREFIX.value, "value": prefix},
         {"name": Env.RUN.value, "value": run},
         {"name": Env.ALLOW_NETS.value, "value": settings.allow_nets},
+        {"name": Env.DENY_ENDPOINTS.value, "value": settings.deny_endpoints},
         {"name": Env.MAX_IMAGE_BYTES.value, "value": str(settings.max_image_bytes)},
         {"name": Env.MAX_PIXELS.value, "value": str(settings.max_image_pixels)},
         {"name": Env.MEMORY_LIMIT.value, "value": str(settings.worker_memory_limit_bytes)},

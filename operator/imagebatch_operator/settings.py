@@ -54,6 +54,19 @@ def _networks(raw: str) -> str:
     return raw
 
 
+def _credential_mode(raw: str) -> str:
+    if raw not in ("sts", "static"):
+        raise ValueError('must be "sts" or "static"')
+    return raw
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number, or 0 for none")
+    return value
+
+
 def _quantity(raw: str) -> str:
     quantity_bytes(raw)
     return raw
@@ -110,6 +123,30 @@ class Settings:
     min_write_seconds: float = 1.0
     # Where ingest and merge spool rows and their scratch database (IMAGEBATCH_SPOOL_DIR).
     spool_dir: str = "/tmp"
+    # Prometheus /metrics: port (0 turns it off) and address (IMAGEBATCH_METRICS_PORT,
+    # IMAGEBATCH_METRICS_ADDRESS).
+    metrics_port: int = 8081
+    metrics_address: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod IP
+    # Worker credentials: "sts" (default) mints one temporary credential per run with S3
+    # STS AssumeRole, limited by a session policy to that run's keys; "static" hands
+    # workers the operator's own keys, only for a store without STS
+    # (IMAGEBATCH_WORKER_CREDENTIALS).
+    worker_credentials: str = "sts"
+    # STS endpoint (IMAGEBATCH_STS_ENDPOINT; empty: the store's own endpoint, as MinIO
+    # serves STS there) and the role to assume (IMAGEBATCH_STS_ROLE_ARN; AWS needs one).
+    sts_endpoint: str = ""
+    sts_role_arn: str = ""
+    # Lifetime of a run's credential in seconds (IMAGEBATCH_CREDENTIAL_SECONDS; at least
+    # 3600, the S3 client's floor), and how long before expiry it is renewed
+    # (IMAGEBATCH_CREDENTIAL_RENEW_SECONDS).
+    credential_seconds: int = 3600
+    credential_renew_seconds: float = 900.0
+    # Non-global networks the webhook may be sent to (IMAGEBATCH_WEBHOOK_ALLOW_NETS),
+    # apart from allow_nets, which is for images and CSV URLs.
+    webhook_allow_nets: str = ""
+    # Endpoints (host:port) no fetcher may reach whatever the allowed networks say
+    # (IMAGEBATCH_DENY_ENDPOINTS); the object store's and the API server's are added.
+    deny_endpoints: str = ""
     # Tenancy. Buckets besides the operator's own that spec.output.bucket and
     # spec.source.s3.bucket may name (IMAGEBATCH_EXTRA_BUCKETS, comma separated).
     extra_buckets: tuple[str, ...] = ()
@@ -188,6 +225,24 @@ class Settings:
                 e, "IMAGEBATCH_MIN_WRITE_SECONDS", non_negative_float, d.min_write_seconds
             ),
             spool_dir=e.get("IMAGEBATCH_SPOOL_DIR", "") or d.spool_dir,
+            worker_credentials=read_env(
+                e, "IMAGEBATCH_WORKER_CREDENTIALS", _credential_mode, d.worker_credentials
+            ),
+            sts_endpoint=e.get("IMAGEBATCH_STS_ENDPOINT", "").strip(),
+            sts_role_arn=e.get("IMAGEBATCH_STS_ROLE_ARN", "").strip(),
+            credential_seconds=read_env(
+                e, "IMAGEBATCH_CREDENTIAL_SECONDS", positive_int, d.credential_seconds
+            ),
+            credential_renew_seconds=read_env(
+                e,
+                "IMAGEBATCH_CREDENTIAL_RENEW_SECONDS",
+                non_negative_float,
+                d.credential_renew_seconds,
+            ),
+            webhook_allow_nets=read_env(e, "IMAGEBATCH_WEBHOOK_ALLOW_NETS", _networks, ""),
+            deny_endpoints=e.get("IMAGEBATCH_DENY_ENDPOINTS", "").strip(),
+            metrics_port=read_env(e, "IMAGEBATCH_METRICS_PORT", _port, d.metrics_port),
+            metrics_address=e.get("IMAGEBATCH_METRICS_ADDRESS", "") or d.metrics_address,
             extra_buckets=tuple(
                 b.strip() for b in e.get("IMAGEBATCH_EXTRA_BUCKETS", "").split(",") if b.strip()
             ),

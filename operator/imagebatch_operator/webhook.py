@@ -202,6 +202,8 @@ def next_record(
     if attempt.retry_after is not None:
         wait = max(wait, min(attempt.retry_after, MAX_RETRY_AFTER_SECONDS))
     due = now + datetime.timedelta(seconds=wait)
+    if due.microsecond:  # the status keeps whole seconds: round up, never early
+        due += datetime.timedelta(microseconds=1_000_000 - due.microsecond)
     out["nextAttemptTime"] = format_time(due)
     return (
         out,

@@ -20,7 +20,13 @@ the real Job controller. The agent closes the gap the kubelet would fill:
   that CA (the API server's kubelet-client certificate). ``follow``, ``tailLines`` and
   ``limitBytes`` behave as on a kubelet; ``timestamps``, ``sinceSeconds`` and
   ``sinceTime`` are ignored (the agent keeps no time per line), and ``previous`` is
-  refused (a restarted container's output is appended to the same file).
+  refused (a restarted container's output is appended to the same file);
+- outlives the API server going away: every write whose loss would wedge a pod (its
+  status, the final ``DELETE``) is retried with backoff until the API server answers or
+  the agent shuts down (``retry``), and the pod watch lists and watches again.
+
+A container killed by a signal reports exit code 128 + the signal number (137 for
+SIGKILL), as container runtimes do.
 
 Run: ``python -m tests.cluster.node_agent --kubeconfig K --server URL --ca CA --workdir D
 --serving-cert C --serving-key K``. Container output goes to
@@ -41,7 +47,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -53,6 +59,7 @@ from kubernetes.client.rest import ApiException
 
 from tests.cluster import pki, podenv
 from tests.cluster.proc import die_with_parent
+from tests.cluster.retry import Backoff, Stopped, is_transient, retry
 
 log = logging.getLogger("node-agent")
 
@@ -60,6 +67,10 @@ NODE_NAME = "imagebatch-node"
 POD_IP = "127.0.0.1"
 TERMINAL = ("Succeeded", "Failed")
 _SMP = "application/strategic-merge-patch+json"
+# A request the API server accepted but never answers must not hold a write forever.
+_REQUEST_TIMEOUT = 15
+# Seconds to wait before listing pods again after the watch failed (n-th time in a row).
+WATCH_BACKOFF = Backoff(initial=0.5, factor=2.0, cap=5.0)
 
 
 def now() -> str:
@@ -267,6 +278,11 @@ def _log_handler(agent: NodeAgent) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def container_exit_code(returncode: int) -> int:
+    """A process's return code as a container runtime reports it: 128 + N for signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 class Container:
     """One running container: a process group of its own, output appended to a log file."""
 
@@ -301,7 +317,8 @@ class Container:
     def exit_code(self) -> int | None:
         if self.process is None:
             return 127
-        return self.process.poll()
+        code = self.process.poll()
+        return None if code is None else container_exit_code(code)
 
     def signal(self, sig: int) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -330,15 +347,30 @@ class PodRunner(threading.Thread):
 
     # -- status ---------------------------------------------------------------
 
-    def _patch_status(self, status: dict[str, Any]) -> None:
+    def _patch_status(
+        self, status: dict[str, Any], overtaken: Callable[[], bool] | None = None
+    ) -> None:
+        """Write the pod status, retrying while the API server is unreachable.
+
+        ``overtaken`` ends the retrying early once a newer status will be written anyway.
+        """
         body = {"metadata": {"uid": self.uid}, "status": status}
+        what = f"status of {self.namespace}/{self.pod_name} ({status.get('phase')})"
         try:
-            self.agent.core.patch_namespaced_pod_status(
-                self.pod_name, self.namespace, body, _content_type=_SMP
+            self.agent.write(
+                lambda: self.agent.core.patch_namespaced_pod_status(
+                    self.pod_name,
+                    self.namespace,
+                    body,
+                    _content_type=_SMP,
+                    _request_timeout=_REQUEST_TIMEOUT,
+                ),
+                what,
+                give_up=overtaken,
             )
         except ApiException as error:
             if error.status not in (404, 409, 422):
-                log.warning("status of %s/%s: %s", self.namespace, self.pod_name, error.reason)
+                log.warning("%s: %s", what, error.reason)
 
     def _container_status(self, c: Container, state: dict[str, Any], ready: bool) -> dict[str, Any]:
         image = next(
@@ -369,7 +401,11 @@ class PodRunner(threading.Thread):
                     self._container_status(c, {"running": {"startedAt": c.started_at}}, True)
                     for c in self.containers
                 ],
-            }
+            },
+            # Once a container exits or the pod is deleted, a newer status follows.
+            overtaken=lambda: (
+                self.terminate.is_set() or any(c.exit_code() is not None for c in self.containers)
+            ),
         )
 
     def write_terminal_status(self, exit_codes: dict[str, int], message: str = "") -> None:
@@ -460,7 +496,12 @@ class PodRunner(threading.Thread):
     def _run(self) -> None:
         prepared = None
         while prepared is None:
-            prepared = self._prepare()
+            try:
+                prepared = self._prepare()
+            except Exception as error:  # reading ConfigMaps, Secrets, a token
+                if not is_transient(error):
+                    raise
+                log.warning("pod %s/%s waits for the API server: %s", *self._id(), error)
             if prepared is None and self.terminate.wait(2.0):
                 self.write_terminal_status({}, "deleted before its containers could start")
                 self.agent.delete_pod(self.namespace, self.pod_name, self.uid)
@@ -507,6 +548,9 @@ class PodRunner(threading.Thread):
         self.write_terminal_status(exit_codes)
         if self.terminate.is_set():
             self.agent.delete_pod(self.namespace, self.pod_name, self.uid)
+
+    def _id(self) -> tuple[str, str]:
+        return self.namespace, self.pod_name
 
     def _kill(self) -> None:
         for c in self.containers:
@@ -666,21 +710,53 @@ class NodeAgent:
         try:
             # The Binding response does not deserialise (client-python#547).
             self.core.create_namespaced_pod_binding(
-                meta["name"], meta["namespace"], body, _preload_content=False
+                meta["name"],
+                meta["namespace"],
+                body,
+                _preload_content=False,
+                _request_timeout=_REQUEST_TIMEOUT,
             )
         except ApiException as error:
             if error.status not in (404, 409):
                 log.warning("bind %s/%s: %s", meta["namespace"], meta["name"], error.reason)
 
-    def delete_pod(self, namespace: str, name: str, uid: str) -> None:
+    def write(
+        self, call: Callable[[], object], what: str, give_up: Callable[[], bool] | None = None
+    ) -> None:
+        """Make one API write, retried while the API server is unreachable.
+
+        Failures that are answers (4xx) are raised; the retrying ends silently when the
+        agent shuts down or ``give_up()`` holds.
+        """
+
+        def failed(failures: int, error: BaseException) -> None:
+            if failures == 1 or failures % 10 == 0:
+                log.warning("%s: attempt %d failed, retrying: %s", what, failures, error)
+
         try:
-            self.core.delete_namespaced_pod(
-                name,
-                namespace,
-                grace_period_seconds=0,
-                body=client.V1DeleteOptions(
-                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid)
+            retry(
+                call,
+                stop=self.stop,
+                give_up=give_up or (lambda: False),
+                on_failure=failed,
+            )
+        except Stopped as stopped:
+            log.info("%s: not written: %s", what, stopped)
+
+    def delete_pod(self, namespace: str, name: str, uid: str) -> None:
+        """``DELETE`` with grace period 0, as the kubelet ends a pod it has terminated."""
+        try:
+            self.write(
+                lambda: self.core.delete_namespaced_pod(
+                    name,
+                    namespace,
+                    grace_period_seconds=0,
+                    body=client.V1DeleteOptions(
+                        grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid)
+                    ),
+                    _request_timeout=_REQUEST_TIMEOUT,
                 ),
+                f"delete {namespace}/{name}",
             )
         except ApiException as error:
             if error.status not in (404, 409):
@@ -748,10 +824,19 @@ class NodeAgent:
         runner.start()
 
     def watch_pods(self) -> None:
+        """List every pod, then watch; on any failure list again, with backoff.
+
+        A fresh list after the API server came back catches up with whatever happened
+        while it was away (pods created, bound elsewhere, or marked for deletion).
+        """
+        failures = 0
         while not self.stop.is_set():
             try:
-                response = self.core.list_pod_for_all_namespaces(_preload_content=False)
+                response = self.core.list_pod_for_all_namespaces(
+                    _preload_content=False, _request_timeout=_REQUEST_TIMEOUT
+                )
                 listing = json.loads(response.data)
+                failures = 0
                 for pod in listing["items"]:
                     self.handle("ADDED", pod)
                 version = listing["metadata"]["resourceVersion"]
@@ -759,20 +844,21 @@ class NodeAgent:
                     self.core.list_pod_for_all_namespaces,
                     resource_version=version,
                     timeout_seconds=30,
+                    # Longer than timeout_seconds: only a silent, dead connection hits it.
+                    _request_timeout=60,
                 )
                 for event in stream:
                     if self.stop.is_set():
                         break
                     self.handle(event["type"], event["raw_object"])
-            except ApiException as error:
-                if error.status != 410:
-                    log.warning("pod watch: %s", error.reason)
-                    time.sleep(1)
-            except Exception as error:  # the API server may restart; keep going
+            except Exception as error:  # the API server may be restarting: list again
                 if self.stop.is_set():
                     break
-                log.warning("pod watch: %s", error)
-                time.sleep(1)
+                if isinstance(error, ApiException) and error.status == 410:
+                    continue  # the watch fell behind etcd's history: list again at once
+                failures += 1
+                log.warning("pod watch (failure %d): %s", failures, error)
+                self.stop.wait(WATCH_BACKOFF.delay(failures))
 
     def shutdown(self) -> None:
         """Stop every pod process: SIGTERM, a short grace, then SIGKILL."""
@@ -800,6 +886,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serving-key", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # The agent logs each failed write itself; urllib3's per-connection retries add nothing.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     agent = NodeAgent(args.kubeconfig, args.server, args.ca, args.workdir)
     logs = LogServer(agent, args.serving_cert, args.serving_key, args.ca)
     logs.start()

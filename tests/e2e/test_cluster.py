@@ -6,6 +6,7 @@ MinIO, and the node agent running pods as processes. Nothing here is mocked.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import subprocess
@@ -386,3 +387,88 @@ def test_kubectl_logs_shows_a_pods_output(cluster: LocalCluster, namespace: str)
     )
     assert missing.returncode != 0
     assert "container nope is not valid for pod talker" in missing.stderr
+
+
+def sleeper_job(name: str, seconds: float) -> dict[str, Any]:
+    """A one-pod Job whose process sleeps ``seconds`` and exits 0."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "x",
+                            "command": ["python", "-c", f"import time; time.sleep({seconds})"],
+                        }
+                    ],
+                }
+            },
+        },
+    }
+
+
+def pod_phase(cluster: LocalCluster, namespace: str, job: str) -> str:
+    return cluster.kubectl(
+        "get", "pods", "-n", namespace, "-l", f"job-name={job}", "-o", "jsonpath={..phase}"
+    )
+
+
+@pytest.mark.faults
+def test_a_pod_that_exits_while_the_api_server_is_down_still_completes_its_job(
+    cluster: LocalCluster, namespace: str
+) -> None:
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(sleeper_job("outage", 4))
+    )
+    cluster.wait_for(lambda: pod_phase(cluster, namespace, "outage") == "Running", "pod running")
+    port = cluster.server
+    with cluster.server_down("kube-apiserver"):
+        assert not cluster.kubectl_ok("get", "ns", "--request-timeout=2s")
+        time.sleep(10)  # the pod exits in here: its final status must not be lost
+    assert cluster.server == port  # same address: clients reconnect as they were
+    job = wait_job(cluster, namespace, "outage", timeout=90)
+    conditions = {c["type"]: c["status"] for c in job["status"]["conditions"]}
+    assert conditions.get("Complete") == "True", job["status"]
+    assert pod_phase(cluster, namespace, "outage") == "Succeeded"
+    # The agent's pod watch came back too: a new pod is bound and run.
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(sleeper_job("after", 0))
+    )
+    assert "Complete" in {
+        c["type"] for c in wait_job(cluster, namespace, "after")["status"]["conditions"]
+    }
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("server", ["minio", "etcd", "kube-controller-manager"])
+def test_a_restarted_server_keeps_its_port_and_data(
+    cluster: LocalCluster, namespace: str, bucket: str, server: str
+) -> None:
+    assert cluster.minio is not None
+    storage = cluster.minio.client()
+    storage.put_object(bucket, "kept.txt", io.BytesIO(b"kept"), 4)
+    cluster.kubectl("create", "configmap", "kept", "-n", namespace, "--from-literal=k=v")
+    before = [p.pid for name, p in cluster.processes if name == server]
+    cluster.restart_server(server)
+    after = [p.pid for name, p in cluster.processes if name == server]
+    assert len(after) == 1 and after != before  # a new process, in the old one's place
+    assert len(cluster.processes) == len({name for name, _ in cluster.processes})
+    response = storage.get_object(bucket, "kept.txt")
+    assert response.read() == b"kept"
+    response.close()
+    assert (
+        cluster.kubectl("get", "configmap", "kept", "-n", namespace, "-o", "jsonpath={.data.k}")
+        == "v"
+    )
+    # The controllers still act: a Job runs to completion.
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(sleeper_job("j", 0)))
+    assert "Complete" in {
+        c["type"] for c in wait_job(cluster, namespace, "j")["status"]["conditions"]
+    }

@@ -173,6 +173,15 @@ def test_the_operator_reads_back_what_the_values_say(helm: Path) -> None:
         "concurrency": {"workers": 3, "heavyWorkers": 1},
         "resyncSeconds": 120,
         "extraBuckets": ["archive", "staging"],
+        "workerCredentials": {
+            "mode": "static",
+            "stsEndpoint": "https://sts.example.com",
+            "roleArn": "arn:aws:iam::1:role/w",
+            "seconds": 7200,
+            "renewSeconds": 600,
+        },
+        "webhookAllowNets": ["10.30.0.0/16"],
+        "denyEndpoints": ["vault.vault.svc:8200"],
         "minStatusWriteSeconds": 4,
     }
     env = {**plain_env(render(helm, values)), "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "s"}
@@ -197,6 +206,14 @@ def test_the_operator_reads_back_what_the_values_say(helm: Path) -> None:
     assert (settings.workers, settings.heavy_workers) == (3, 1)
     assert settings.resync_seconds == 120
     assert settings.allowed_buckets == ("catalog", "archive", "staging")
+    assert settings.worker_credentials == "static"
+    assert (settings.sts_endpoint, settings.sts_role_arn) == (
+        "https://sts.example.com",
+        "arn:aws:iam::1:role/w",
+    )
+    assert (settings.credential_seconds, settings.credential_renew_seconds) == (7200, 600)
+    assert settings.webhook_allow_nets == "10.30.0.0/16"
+    assert settings.deny_endpoints == "vault.vault.svc:8200"
     assert settings.min_write_seconds == 4
 
 
@@ -222,6 +239,13 @@ def test_defaults_give_the_operators_own_defaults(helm: Path) -> None:
         "max_parallelism",
         "max_running_per_namespace",
         "extra_buckets",
+        "worker_credentials",
+        "sts_endpoint",
+        "sts_role_arn",
+        "credential_seconds",
+        "credential_renew_seconds",
+        "webhook_allow_nets",
+        "deny_endpoints",
         "webhook_schedule",
         "webhook_timeout_seconds",
         "workers",
@@ -418,7 +442,10 @@ def test_deployment_shape(helm: Path) -> None:
     c = container(render(helm))
     assert c["command"] == ["imagebatch-operator"]
     assert "args" not in c
-    assert c["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["ports"] == [
+        {"name": "health", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 8081, "protocol": "TCP"},
+    ]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     env = plain_env(render(helm))
     assert env["IMAGEBATCH_LIVENESS_ENDPOINT"] == "http://0.0.0.0:8080/healthz"
@@ -480,14 +507,70 @@ def test_pod_extras_pass_through(helm: Path) -> None:
     assert template["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
 
 
+def services(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Services by what they front: the part of the name after the release's name."""
+    return {o["metadata"]["name"].rsplit("-", 1)[-1]: o for o in objects if o["kind"] == "Service"}
+
+
 def test_health_service_is_optional_and_targets_the_health_port(helm: Path) -> None:
-    assert not [o for o in render(helm) if o["kind"] == "Service"]
-    service = one(render(helm, {"healthService": {"enabled": True, "port": 80}}), "Service")
+    assert "health" not in services(render(helm))
+    service = services(render(helm, {"healthService": {"enabled": True, "port": 80}}))["health"]
     assert service["spec"]["ports"] == [
         {"name": "health", "port": 80, "targetPort": "health", "protocol": "TCP"}
     ]
     labels = one(render(helm), "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_metrics_have_a_port_a_service_and_an_optional_service_monitor(helm: Path) -> None:
+    objects = render(helm)
+    ports = {p["name"]: p["containerPort"] for p in container(objects)["ports"]}
+    assert ports["metrics"] == 8081
+    assert plain_env(objects)["IMAGEBATCH_METRICS_PORT"] == "8081"
+    service = services(objects)["metrics"]
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    assert not [o for o in objects if o["kind"] == "ServiceMonitor"]
+    monitored = render(
+        helm, {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
+    )
+    monitor = one(monitored, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        services(monitored)["metrics"]["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    off = render(helm, {"metrics": {"enabled": False}})
+    assert plain_env(off)["IMAGEBATCH_METRICS_PORT"] == "0"
+    assert "metrics" not in services(off)
+    assert "metrics" not in {p["name"] for p in container(off)["ports"]}
+
+
+def test_the_dashboard_charts_only_metrics_the_operator_exports() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from imagebatch_operator.metrics import Metrics
+
+    exported = set()
+    metrics = Metrics()
+    metrics.watch_batches(lambda: {})
+    metrics.watch_queue(lambda: 0, lambda: 0, lambda: 0)
+    from prometheus_client import generate_latest
+
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        exported |= {sample.name for sample in family.samples} | {family.name}
+        if family.type == "counter":  # a counter with no series yet still has its name
+            exported.add(f"{family.name}_total")
+    dashboard = json.loads((CHART / "dashboards" / "imagebatch.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bimagebatch_[a-z_]+", target["expr"])
+    }
+    assert used and used <= exported, used - exported
+    assert {"imagebatch_batches", "imagebatch_images_total"} <= used
 
 
 # -- RBAC -------------------------------------------------------------------------------
@@ -562,13 +645,13 @@ def test_rbac_and_service_account_can_be_left_to_the_administrator(helm: Path) -
     objects = render(
         helm, {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops"}}
     )
-    assert sorted(o["kind"] for o in objects) == ["Deployment"]
+    assert sorted(o["kind"] for o in objects) == ["Deployment", "Service"]  # metrics
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
 
 
 def test_names_follow_release_and_overrides(helm: Path) -> None:
     objects = render(helm, {"fullnameOverride": "batches"})
-    assert {o["metadata"]["name"] for o in objects} == {"batches"}
+    assert {o["metadata"]["name"] for o in objects} == {"batches", "batches-metrics"}
     for o in objects:
         labels = o["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "imagebatch"

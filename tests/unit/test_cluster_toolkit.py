@@ -1,12 +1,20 @@
-"""The local cluster toolkit's pure parts: replace lines, kubelet-style env, the log endpoint."""
+"""The local cluster toolkit's pure parts: replace-line generation, kubelet-style env and
+exit codes, the retrying that carries the node agent through an API server outage, and
+the container-log endpoint."""
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+import urllib3
+from kubernetes.client.rest import ApiException
 
-from tests.cluster import build, node_agent, podenv
+from tests.cluster import build, node_agent, podenv, retry
 
 KUBERNETES_GO_MOD = """
 module k8s.io/kubernetes
@@ -321,3 +329,117 @@ def test_log_requests_the_agent_cannot_answer_say_why(
 )
 def test_tail_lines_then_limit_bytes(tail: int | None, limit: int | None, expected: bytes) -> None:
     assert node_agent.select_log(b"a\nb\nc\n", tail, limit) == expected
+
+
+@pytest.mark.parametrize(
+    ("returncode", "exit_code"),
+    [(0, 0), (3, 3), (-signal.SIGKILL, 137), (-signal.SIGTERM, 143)],
+    ids=["ok", "error", "sigkill", "sigterm"],
+)
+def test_a_signalled_container_exits_128_plus_the_signal(returncode: int, exit_code: int) -> None:
+    assert node_agent.container_exit_code(returncode) == exit_code
+
+
+@pytest.mark.parametrize(
+    ("failures", "seconds"),
+    [(0, 0.0), (1, 0.2), (2, 0.4), (3, 0.8), (5, 3.2), (6, 5.0), (50, 5.0)],
+)
+def test_backoff_doubles_up_to_its_cap(failures: int, seconds: float) -> None:
+    assert retry.Backoff(initial=0.2, factor=2.0, cap=5.0).delay(failures) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (ApiException(status=503, reason="Service Unavailable"), True),
+        (ApiException(status=500, reason="Internal Server Error"), True),
+        (ApiException(status=429, reason="Too Many Requests"), True),
+        (ApiException(status=0, reason="no answer"), True),
+        (ApiException(status=404, reason="Not Found"), False),
+        (ApiException(status=409, reason="Conflict"), False),
+        (ApiException(status=422, reason="Invalid"), False),
+        (ApiException(status=403, reason="Forbidden"), False),
+        (
+            urllib3.exceptions.MaxRetryError(
+                urllib3.HTTPConnectionPool("127.0.0.1"), "/api", ConnectionRefusedError()
+            ),
+            True,
+        ),
+        (urllib3.exceptions.ProtocolError("Connection aborted"), True),
+        (ConnectionRefusedError(), True),
+        (TimeoutError(), True),
+        (ValueError("a defect"), False),
+        (KeyError("metadata"), False),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
+)
+def test_only_failures_without_an_answer_or_5xx_429_are_retried(
+    error: BaseException, transient: bool
+) -> None:
+    assert retry.is_transient(error) is transient
+
+
+FAST = retry.Backoff(initial=0.001, factor=1.0, cap=0.001)
+
+
+def flaky(failures: list[BaseException], result: str = "written") -> Callable[[], str]:
+    """A call that raises each of ``failures`` in turn, then returns ``result``."""
+    pending = list(failures)
+
+    def call() -> str:
+        if pending:
+            raise pending.pop(0)
+        return result
+
+    return call
+
+
+def test_retry_outlasts_an_outage_of_any_length() -> None:
+    down = [ConnectionRefusedError()] * 40 + [ApiException(status=503)] * 10
+    seen: list[int] = []
+    result = retry.retry(
+        flaky(down),
+        stop=threading.Event(),
+        backoff=FAST,
+        on_failure=lambda n, _: seen.append(n),
+    )
+    assert result == "written"
+    assert seen == list(range(1, 51))
+
+
+def test_retry_raises_an_answer_at_once() -> None:
+    calls: list[int] = []
+
+    def call() -> str:
+        calls.append(1)
+        raise ApiException(status=404, reason="Not Found")
+
+    with pytest.raises(ApiException) as raised:
+        retry.retry(call, stop=threading.Event(), backoff=FAST)
+    assert raised.value.status == 404 and len(calls) == 1
+
+
+def test_retry_ends_when_the_agent_stops() -> None:
+    stop = threading.Event()
+    stopper = threading.Timer(0.2, stop.set)
+    stopper.start()
+    started = time.monotonic()
+    with pytest.raises(retry.Stopped):
+        retry.retry(
+            flaky([ConnectionRefusedError()] * 10_000),
+            stop=stop,
+            backoff=retry.Backoff(initial=0.05, factor=1.0, cap=0.05),
+        )
+    assert time.monotonic() - started < 2
+
+
+def test_retry_gives_up_when_overtaken() -> None:
+    attempts: list[int] = []
+    with pytest.raises(retry.Stopped, match="after 3 failed"):
+        retry.retry(
+            flaky([ConnectionRefusedError()] * 10),
+            stop=threading.Event(),
+            give_up=lambda: len(attempts) >= 3,
+            backoff=FAST,
+            on_failure=lambda n, _: attempts.append(n),
+        )

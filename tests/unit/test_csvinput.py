@@ -351,7 +351,7 @@ Expected = list[tuple[int, str, str]]
                     "S. No., Product Name, Input Image Urls",
                     "the header needs the columns 'S. No.', 'Product Name' and 'Input Image "
                     "Urls'; missing: 'S. No.', 'Product Name' and 'Input Image Urls' (found "
-                    "'No', 'Name', 'Urls', read with the comma separator)",
+                    "3 named columns, read with the comma separator)",
                 )
             ],
             id="wrong-header",
@@ -992,3 +992,13 @@ def test_rows_are_read_once() -> None:
     list(reader.rows())
     with pytest.raises(RuntimeError):
         list(reader.rows())
+
+
+def test_a_file_that_is_not_our_csv_is_described_never_quoted() -> None:
+    secret = "aws_secret_access_key=AKIAEXAMPLE0123456789,password=hunter2\nmore,stuff\n"
+    reader = CsvReader([secret.encode()], CsvLimits())
+    assert list(reader.rows()) == []
+    assert reader.problems
+    for problem in reader.problems:
+        for word in ("AKIAEXAMPLE", "hunter2", "aws_secret", "more", "stuff"):
+            assert word not in problem.message and word not in problem.column

@@ -93,6 +93,8 @@ def validated(
         first, ingest=Task(RUN, running=False, ingest=IngestOutcome("planned", plan=PLANNED))
     )
     status = after(planned, decide(planned, SETTINGS))
+    # The run's credential is fresh unless a test says otherwise.
+    fields.setdefault("credentials_expire", NOW + datetime.timedelta(hours=1))
     return observe(spec, status, plan=PLANNED, **fields), status
 
 
@@ -312,6 +314,7 @@ def test_suspend_and_parallelism_change_the_job_in_place_not_the_run() -> None:
         generation=2,
         plan=PLANNED,
         jobs=(job(),),
+        credentials_expire=NOW + datetime.timedelta(hours=1),
     )
     d = decide(obs, SETTINGS)
     assert d.actions == (PatchJob("spring-g1", {"suspend": True, "parallelism": 1}),)
@@ -471,3 +474,40 @@ def test_retain_needs_no_finalizer_and_deletion_needs_no_operator() -> None:
     obs = observe(finalizers=(plan.FINALIZER,))
     assert decide(obs, SETTINGS).actions[0] == RemoveFinalizer()
     assert decide(observe(deleting=True), SETTINGS) == Decision()
+
+
+# -- credentials ------------------------------------------------------------------------
+
+
+def test_a_running_batch_is_woken_to_renew_its_credential_before_it_expires() -> None:
+    expires = NOW + datetime.timedelta(minutes=16)
+    obs, _ = validated(jobs=(job(active=1),), credentials_expire=expires)
+    d = decide(obs, SETTINGS)
+    assert d.actions == ()
+    assert d.requeue_after == pytest.approx(60.0)  # renewed 15 minutes before it expires
+    due = replace(obs, now=expires - datetime.timedelta(minutes=14))
+    assert decide(due, SETTINGS).actions == (EnsureCredentials(RUN),)
+
+
+def test_a_credential_this_process_has_not_seen_is_checked() -> None:
+    obs, _ = validated(jobs=(job(active=1),), credentials_expire=None)
+    assert decide(obs, SETTINGS).actions == (EnsureCredentials(RUN),)
+
+
+def test_renewals_are_spaced_however_short_the_credential() -> None:
+    short = replace(SETTINGS, credential_renew_seconds=7200)
+    expires = NOW + datetime.timedelta(hours=1)
+    just = replace(
+        validated(jobs=(job(active=1),), credentials_expire=expires)[0], credentials_issued=NOW
+    )
+    d = decide(just, short)
+    assert d.actions == ()
+    assert d.requeue_after == pytest.approx(5.0)  # at most one renewal every 5 s
+    later = replace(just, now=NOW + datetime.timedelta(seconds=5))
+    assert decide(later, short).actions == (EnsureCredentials(RUN),)
+
+
+def test_static_credentials_are_never_renewed() -> None:
+    static = replace(SETTINGS, worker_credentials="static")
+    obs, _ = validated(jobs=(job(active=1),), credentials_expire=None)
+    assert decide(obs, static).actions == ()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from imagebatch_common.contract import (
     EXIT_PERMANENT,
@@ -12,12 +15,14 @@ from imagebatch_common.contract import (
     ShardImage,
     ShardManifest,
     image_key,
+    image_keyer,
 )
 from imagebatch_common.storage_settings import StorageSettings
 from imagebatch_operator import plan
 from imagebatch_operator.settings import Settings
 from imagebatch_operator.spec import BatchSpec, Sharding, Source, parse_spec
 
+ROOT = Path(__file__).resolve().parents[2]
 REF = plan.BatchRef("shop", "spring-catalog", "0f1e2d3c-aaaa-bbbb-cccc-123456789abc", 3)
 SETTINGS = Settings(storage=StorageSettings("minio.storage:9000", "AKIA", "s3cr3t"))
 
@@ -183,3 +188,42 @@ def test_the_worker_learns_its_memory_limit_in_bytes() -> None:
     env = {e["name"]: e for e in job()["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["IMAGEBATCH_MEMORY_LIMIT"]["value"] == str(1024**3)
     assert env["MINIO_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp", "avif", "original"])
+def test_the_planning_keyer_gives_the_contracts_keys(fmt: str) -> None:
+    compression = Compression(quality=61, format=fmt, max_dimension=800)
+    keyer = image_keyer("ns/b/", compression)
+    for url in ("https://x.test/a.jpg", "https://x.test/é?q=1"):
+        assert keyer(url) == image_key("ns/b/", url, compression)
+
+
+def test_the_session_policy_reaches_exactly_the_runs_keys() -> None:
+    policy = json.loads(plan.session_policy("imagebatch", "shop/spring/", "g3-0f1e2d3c"))
+    objects, listing = policy["Statement"]
+    assert sorted(objects["Action"]) == ["s3:AbortMultipartUpload", "s3:GetObject", "s3:PutObject"]
+    assert objects["Resource"] == [
+        "arn:aws:s3:::imagebatch/shop/spring/.runs/g3-0f1e2d3c/*",
+        "arn:aws:s3:::imagebatch/shop/spring/images/*",
+    ]
+    assert listing["Action"] == ["s3:ListBucket"]
+    assert listing["Resource"] == ["arn:aws:s3:::imagebatch"]
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["shop/spring/images/*"]}}
+    assert "Delete" not in json.dumps(policy)
+
+
+def test_the_longest_names_the_crd_allows_keep_the_policy_well_under_2048() -> None:
+    schema = yaml.safe_load((ROOT / "crds" / "imagebatches.imagebatch.dev.yaml").read_text())
+    output = schema["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "properties"
+    ]["output"]["properties"]
+    longest_prefix = "p" * output["prefix"]["maxLength"]
+    longest_bucket = "b" * output["bucket"]["maxLength"]
+    batch = plan.BatchRef("n" * 63, "x" * 253, REF.uid, 2**63 - 1)
+    spec = parse_spec(
+        {"source": {"inline": "x"}, "output": {"prefix": longest_prefix, "bucket": longest_bucket}}
+    )
+    policy = plan.session_policy(
+        plan.output_bucket(spec, SETTINGS), plan.output_prefix(spec, batch), plan.run_id(batch)
+    )
+    assert len(policy) <= 1500

@@ -150,3 +150,12 @@ def test_one_attempt_moves_the_record(
     assert record["attempts"] == given.number
     assert (record.get("deliveredTime") is not None) == (verdict == "delivered")
     assert message
+
+
+def test_the_next_attempt_is_never_before_retry_after_even_within_a_second() -> None:
+    late_in_a_second = NOW.replace(microsecond=900_000)
+    record, _, _ = webhook.next_record(
+        {"run": "r"}, attempt(1, 429, retry_after=3.0), SCHEDULE, late_in_a_second
+    )
+    due = webhook.parse_time(record["nextAttemptTime"])
+    assert due is not None and due >= late_in_a_second + datetime.timedelta(seconds=5)
