@@ -236,6 +236,17 @@ class LocalCluster:
                 str(keys.sa_public),
                 "--service-account-signing-key-file",
                 str(keys.sa_private),
+                # `kubectl logs` is proxied to the node agent's log endpoint: at the
+                # node's InternalIP (its Hostname does not resolve), with a client
+                # certificate, checking the agent's serving certificate against the CA.
+                "--kubelet-preferred-address-types",
+                "InternalIP",
+                "--kubelet-client-certificate",
+                str(keys.kubelet_client_cert),
+                "--kubelet-client-key",
+                str(keys.kubelet_client_key),
+                "--kubelet-certificate-authority",
+                str(keys.ca_cert),
                 "--v",
                 "1",
             ],
@@ -311,6 +322,10 @@ class LocalCluster:
                 str(keys.ca_cert),
                 "--workdir",
                 str(agent_dir),
+                "--serving-cert",
+                str(keys.kubelet_serving_cert),
+                "--serving-key",
+                str(keys.kubelet_serving_key),
             ],
             env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         )

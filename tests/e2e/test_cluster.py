@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import subprocess
 import textwrap
 import time
 import uuid
@@ -330,6 +332,61 @@ def test_restart_policy_on_failure_restarts_the_container(
     assert status["phase"] == "Succeeded"
     assert status["containerStatuses"][0]["restartCount"] == 1
     assert sorted(objects(cluster, bucket, "indexes/")) == ["indexes/0.txt"]
+
+
+def test_kubectl_logs_shows_a_pods_output(cluster: LocalCluster, namespace: str) -> None:
+    # The API server proxies `kubectl logs` to the node agent's container-log endpoint
+    # (HTTPS both ways, certificates from the cluster's CA), as it would to a kubelet.
+    script = textwrap.dedent(
+        """
+        import time
+        for i in range(3):
+            print(f"line {i}", flush=True)
+        time.sleep(2)
+        print("last line", flush=True)
+        """
+    )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "talker"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "x", "command": ["python", "-c", script]}],
+        },
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(pod))
+    # A client that connects to the node's log port and never speaks TLS (a port probe
+    # from another program) must not hold up anyone else's logs.
+    port = cluster.kubectl(
+        "get", "node", "imagebatch-node",
+        "-o", "jsonpath={.status.daemonEndpoints.kubeletEndpoint.Port}",
+    )  # fmt: skip
+    silent = socket.create_connection(("127.0.0.1", int(port)))
+    cluster.wait_for(
+        lambda: "line 2" in cluster.kubectl("logs", "talker", "-n", namespace, check=False),
+        "the first lines in kubectl logs",
+    )
+    silent.close()
+    # Followed while running: kubectl returns once the container has exited, with
+    # everything it wrote.
+    followed = cluster.kubectl("logs", "-f", "talker", "-n", namespace)
+    assert followed == "line 0\nline 1\nline 2\nlast line\n"
+    assert cluster.kubectl("logs", "talker", "-n", namespace, "--tail=2") == ("line 2\nlast line\n")
+    assert cluster.kubectl("logs", "talker", "-n", namespace, "--limit-bytes=8") == "line 0\nl"
+    assert cluster.kubectl("logs", "pod/talker", "-c", "main", "-n", namespace).startswith(
+        "line 0\n"
+    )
+    kubectl = [str(cluster.binaries["kubectl"]), "--kubeconfig", str(cluster.kubeconfig)]
+    missing = subprocess.run(
+        [*kubectl, "logs", "talker", "-c", "nope", "-n", namespace],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert missing.returncode != 0
+    assert "container nope is not valid for pod talker" in missing.stderr
 
 
 def sleeper_job(name: str, seconds: float) -> dict[str, Any]:

@@ -79,8 +79,10 @@ class ImageServer(_Server):
     """Serves ``files`` by path; anything else is 404. ``hits`` counts requests per path.
 
     ``latency`` (seconds) is waited before every answer; ``pace`` maps a path to the
-    seconds over which its body is sent, in small pieces. Both may be changed while
-    the server runs.
+    seconds over which its body is sent, in small pieces; ``failures`` maps a path to a
+    status code answered instead of its file (an image host that is down, or a file not
+    published yet), for as long as the entry is there. All may be changed while the
+    server runs.
     """
 
     PIECES = 20  # a paced body goes out in this many pieces
@@ -89,6 +91,7 @@ class ImageServer(_Server):
         self.files = files
         self.latency = latency
         self.pace: dict[str, float] = {}
+        self.failures: dict[str, int] = {}
         self.hits: dict[str, int] = {}
         lock = threading.Lock()
         outer = self
@@ -108,6 +111,10 @@ class ImageServer(_Server):
                     pass  # the client went away (a killed worker or operator)
 
             def _answer(self) -> None:
+                failure = outer.failures.get(self.path)
+                if failure is not None:
+                    self.send_error(failure)
+                    return
                 entry = outer.files.get(self.path)
                 if entry is None:
                     self.send_error(404)

@@ -1,5 +1,6 @@
 """The local cluster toolkit's pure parts: replace-line generation, kubelet-style env and
-exit codes, and the retrying that carries the node agent through an API server outage."""
+exit codes, the retrying that carries the node agent through an API server outage, and
+the container-log endpoint."""
 
 from __future__ import annotations
 
@@ -255,6 +256,79 @@ def test_terminal_phase_needs_every_container_to_exit_zero(
     codes: dict[str, int], phase: str
 ) -> None:
     assert node_agent.terminal_phase(codes) == phase
+
+
+def test_the_kstatus_tool_pins_the_library_version_the_build_names() -> None:
+    go_mod = (build.REPO_ROOT / "tests" / "kstatus" / "go.mod").read_text()
+    assert f"sigs.k8s.io/cli-utils {build.CLI_UTILS_VERSION}\n" in go_mod
+
+
+def test_a_tool_built_from_this_repository_is_cached_by_version_and_content(
+    tmp_path: Any,
+) -> None:
+    (tmp_path / "main.go").write_text("package main\n")
+    first = build.source_digest(tmp_path)
+    assert build.source_digest(tmp_path) == first
+    (tmp_path / "main.go").write_text("package main // edited\n")
+    assert build.source_digest(tmp_path) != first
+    kstatus = next(b for b in build.BINARIES if b.name == "kstatus")
+    assert kstatus.cache_name.startswith(f"kstatus-{build.CLI_UTILS_VERSION}-")
+
+
+_LOGS = "/containerLogs/ns/pod-1/worker"
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        pytest.param(_LOGS, node_agent.LogRequest("ns", "pod-1", "worker"), id="plain"),
+        pytest.param(
+            f"{_LOGS}?follow=true&tailLines=10&limitBytes=500&timestamps=true",
+            node_agent.LogRequest("ns", "pod-1", "worker", True, 10, 500),
+            id="kubectl logs -f --tail=10 --limit-bytes=500",
+        ),
+        pytest.param(
+            f"{_LOGS}?follow=false", node_agent.LogRequest("ns", "pod-1", "worker"), id="no follow"
+        ),
+    ],
+)
+def test_log_requests_are_read_as_the_kubelet_reads_them(
+    target: str, expected: node_agent.LogRequest
+) -> None:
+    assert node_agent.parse_log_request(target) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "message"),
+    [
+        pytest.param("/containerLogs/ns/pod", 404, "not found", id="no container"),
+        pytest.param("/stats/summary", 404, "not found", id="another kubelet path"),
+        pytest.param(f"{_LOGS}?tailLines=x", 400, "tailLines must be an integer", id="tail"),
+        pytest.param(f"{_LOGS}?limitBytes=-1", 400, "must not be negative", id="negative"),
+        pytest.param(f"{_LOGS}?previous=true", 400, "previous container logs", id="previous"),
+    ],
+)
+def test_log_requests_the_agent_cannot_answer_say_why(
+    target: str, status: int, message: str
+) -> None:
+    with pytest.raises(node_agent.BadLogRequest, match=message) as raised:
+        node_agent.parse_log_request(target)
+    assert raised.value.status == status
+
+
+@pytest.mark.parametrize(
+    ("tail", "limit", "expected"),
+    [
+        (None, None, b"a\nb\nc\n"),
+        (2, None, b"b\nc\n"),
+        (0, None, b""),
+        (10, None, b"a\nb\nc\n"),
+        (None, 3, b"a\nb"),
+        (2, 3, b"b\nc"),
+    ],
+)
+def test_tail_lines_then_limit_bytes(tail: int | None, limit: int | None, expected: bytes) -> None:
+    assert node_agent.select_log(b"a\nb\nc\n", tail, limit) == expected
 
 
 @pytest.mark.parametrize(
