@@ -608,8 +608,11 @@ CRD_WATCH = {
 NAMESPACE_WATCH = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
 
 
+OPERATOR_ONLY = {"rbac": {"userRoles": False}}  # the operator's own rules, without the users'
+
+
 def test_watching_every_namespace_binds_one_cluster_role(helm: Path) -> None:
-    objects = render(helm)
+    objects = render(helm, OPERATOR_ONLY)
     role = one(objects, "ClusterRole")
     assert role["rules"] == [*NAMESPACED_RULES, CRD_WATCH]
     binding = one(objects, "ClusterRoleBinding")
@@ -621,7 +624,7 @@ def test_watching_every_namespace_binds_one_cluster_role(helm: Path) -> None:
 
 
 def test_watching_some_namespaces_binds_a_role_in_each(helm: Path) -> None:
-    objects = render(helm, {"watchNamespaces": ["team-a", "team-b"]})
+    objects = render(helm, {**OPERATOR_ONLY, "watchNamespaces": ["team-a", "team-b"]})
     roles = [o for o in objects if o["kind"] == "Role"]
     bindings = [o for o in objects if o["kind"] == "RoleBinding"]
     assert [r["metadata"]["namespace"] for r in roles] == ["team-a", "team-b"]
@@ -645,15 +648,43 @@ def test_rbac_and_service_account_can_be_left_to_the_administrator(helm: Path) -
     objects = render(
         helm, {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops"}}
     )
-    assert sorted(o["kind"] for o in objects) == ["Deployment", "Service"]  # metrics
+    # What is left: the Deployment, the metrics Service and the users' aggregated roles.
+    assert sorted(o["kind"] for o in objects) == [
+        "ClusterRole",
+        "ClusterRole",
+        "Deployment",
+        "Service",
+    ]
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
 
 
 def test_names_follow_release_and_overrides(helm: Path) -> None:
     objects = render(helm, {"fullnameOverride": "batches"})
-    assert {o["metadata"]["name"] for o in objects} == {"batches", "batches-metrics"}
+    assert {o["metadata"]["name"] for o in objects} == {
+        "batches",
+        "batches-metrics",
+        "batches-edit",
+        "batches-view",
+    }
     for o in objects:
         labels = o["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "imagebatch"
         assert labels["app.kubernetes.io/instance"] == "ib"
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def test_users_get_roles_aggregated_into_the_built_in_ones(helm: Path) -> None:
+    roles = {
+        o["metadata"]["name"].rsplit("-", 1)[-1]: o
+        for o in render(helm)
+        if o["kind"] == "ClusterRole" and o["metadata"]["name"].endswith(("-edit", "-view"))
+    }
+    edit, view = roles["edit"], roles["view"]
+    labels = edit["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert "create" in edit["rules"][0]["verbs"] and "delete" in edit["rules"][0]["verbs"]
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert view["rules"][0]["verbs"] == ["get", "list", "watch"]
+    off = render(helm, {"rbac": {"userRoles": False}})
+    assert not [o for o in off if o["metadata"]["name"].endswith(("-edit", "-view"))]
