@@ -55,6 +55,26 @@ def test_metrics_follow_a_batch_and_agree_with_its_status(
     images: ImageServer,
     receiver: WebhookReceiver,
 ) -> None:
+    # An operator of this namespace alone, so its counters are this batch's and nothing
+    # else the session runs meanwhile.
+    saved = dict(operator.env)
+    operator.env["IMAGEBATCH_WATCH_NAMESPACES"] = namespace
+    operator.restart(kill=False)
+    try:
+        check_metrics(cluster, namespace, operator, images, receiver)
+    finally:
+        operator.env.clear()
+        operator.env.update(saved)
+        operator.restart(kill=False)
+
+
+def check_metrics(
+    cluster: LocalCluster,
+    namespace: str,
+    operator: OperatorProcess,
+    images: ImageServer,
+    receiver: WebhookReceiver,
+) -> None:
     before = scrape(operator)
     s = images.url
     text = "S. No.,Product Name,Input Image Urls\n" + "".join(
