@@ -44,6 +44,7 @@ from imagebatch_operator.observe import RunMemory
 from imagebatch_operator.settings import Settings
 from imagebatch_operator.status import (
     EventReason,
+    Phase,
     Reason,
     RunState,
     RunView,
@@ -303,7 +304,7 @@ class Actor:
             name=obs.ref.name,
             uid=obs.ref.uid,
             run=run,
-            phase="Succeeded" if view.state is RunState.SUCCEEDED else "Failed",
+            phase=(Phase.SUCCEEDED if view.state is RunState.SUCCEEDED else Phase.FAILED).value,
             rows=view.rows.as_status(),
             images=view.images.as_status(skipped=True),
             shards=view.shards.as_status(),

@@ -48,7 +48,14 @@ from imagebatch_operator.metrics import Metrics
 from imagebatch_operator.observe import Observer
 from imagebatch_operator.settings import Settings
 from imagebatch_operator.sources import UrlOpener
-from imagebatch_operator.status import EventReason, Reason, RunState, condition
+from imagebatch_operator.status import (
+    ConditionType,
+    EventReason,
+    Phase,
+    Reason,
+    RunState,
+    condition,
+)
 from imagebatch_operator.workqueue import ShutDown, WorkQueue
 
 log = logging.getLogger("imagebatch.controller")
@@ -75,11 +82,11 @@ def _finished(body: Mapping[str, Any]) -> bool:
     generation = (body.get("metadata") or {}).get("generation")
     if status.get("observedGeneration") != generation:
         return False
-    return status.get("phase") in ("Succeeded", "Failed")
+    return status.get("phase") in (Phase.SUCCEEDED, Phase.FAILED)
 
 
 def _queued(body: Mapping[str, Any]) -> bool:
-    validated = condition(body.get("status") or {}, "Validated")
+    validated = condition(body.get("status") or {}, ConditionType.VALIDATED)
     return validated is not None and validated.get("reason") == Reason.QUEUED
 
 
@@ -218,7 +225,7 @@ class Controller:
         out: dict[str, int] = {}
         with self._lock:
             for body in self._batches.values():
-                phase = str((body.get("status") or {}).get("phase") or "Pending")
+                phase = str((body.get("status") or {}).get("phase") or Phase.PENDING.value)
                 out[phase] = out.get(phase, 0) + 1
         return out
 
@@ -400,7 +407,7 @@ class Controller:
         if status.get("run") and status.get("run") != was_run:
             self.metrics.runs_started.inc()
         if not was_finished and _finished(body):
-            ready = condition(status, "Ready") or {}
+            ready = condition(status, ConditionType.READY) or {}
             self.metrics.finished(str(status.get("phase")), str(ready.get("reason")))
             self._wake_queued(key[0])
         return result.requeue_after

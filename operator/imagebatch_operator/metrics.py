@@ -31,8 +31,9 @@ from prometheus_client.registry import Collector
 
 from imagebatch_common.storage import ObjectNotFound, Storage, StorageError
 from imagebatch_common.storage_settings import StorageSettings
+from imagebatch_operator.status import Phase, Reason
 
-PHASES = ("Pending", "Validating", "Running", "Succeeded", "Failed")
+PHASES = tuple(phase.value for phase in Phase)
 
 
 class Metrics:
@@ -127,11 +128,11 @@ class Metrics:
 
     def finished(self, phase: str, reason: str) -> None:
         """Count a run that just ended, from its final phase and Ready reason."""
-        if phase == "Succeeded":
+        if phase == Phase.SUCCEEDED:
             outcome = "succeeded"
-        elif reason == "InvalidCSV":
+        elif reason == Reason.INVALID_CSV:
             outcome = "invalid"
-        elif reason == "TooManyFailedImages":
+        elif reason == Reason.TOO_MANY_FAILED_IMAGES:
             outcome = "failed"
         else:
             outcome = "refused"
