@@ -20,6 +20,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 # Only what the install reads (the .dockerignore keeps everything else out).
 COPY pyproject.toml README.md ./
+COPY cli/ cli/
 COPY common/ common/
 COPY operator/ operator/
 COPY worker/ worker/

@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help install binaries lint unit test cluster demo bench clean
+.PHONY: help install binaries lint unit test faults cluster demo bench clean
 
 help:
 	@echo "make demo      run the demo end to end on a local cluster"
 	@echo "make test      lint-free unit + end-to-end tests (builds the local cluster if missing)"
 	@echo "make unit      unit tests only (no servers)"
+	@echo "make faults    the fault drills alone (also part of make test)"
 	@echo "make lint      ruff, mypy --strict and the import-linter layering contracts"
 	@echo "make cluster   start the local cluster and MinIO; Ctrl-C stops it"
 	@echo "make bench     benchmarks; the report goes to reports/bench.md"
@@ -37,6 +38,9 @@ unit: install
 
 test: binaries
 	$(PY) -m pytest tests
+
+faults: binaries
+	$(PY) -m pytest -m faults tests
 
 cluster: binaries
 	$(PY) -m tests.cluster

@@ -127,11 +127,13 @@ def local_values(cluster: LocalCluster, liveness_port: int) -> dict[str, Any]:
         "publicUrl": public_bucket(cluster),
         # The sample servers live on loopback, which a real install never allows.
         "allowNets": ["127.0.0.0/8"],
+        "webhookAllowNets": ["127.0.0.0/8"],
         # The pod is a local process here: its port is a port of this machine.
         "liveness": {"port": liveness_port, "bindAddress": "127.0.0.1"},
+        "metrics": {"port": free_port(), "bindAddress": "127.0.0.1"},
         "image": {"tag": "local"},
-        "pollSeconds": 0.5,
-        "webhook": {"backoffSeconds": 0.2},
+        # Webhook retries seconds apart, not hours.
+        "webhook": {"schedule": [0, 1, 2, 5, 10]},
     }
 
 
@@ -295,18 +297,19 @@ def run_demo(keep: bool, out: Any = sys.stdout) -> int:
             say(f"e.g. {cluster.minio.url}/{BUCKET}/{keys[0]}")
             step("done")
             if keep:
-                say()
-                say("the stack stays up; to look around:")
-                say(f"export KUBECONFIG={cluster.kubeconfig}")
-                say(f"export PATH={cluster.workdir / 'tools'}:$PATH   # kubectl, helm")
-                say(
-                    f"MinIO: {cluster.minio.url} (user {cluster.minio.access_key}, "
-                    f"password {cluster.minio.secret_key})"
-                )
-                say("Ctrl-C stops everything")
                 stop = threading.Event()
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
+                # Ctrl-C may come while the hints below are still being printed.
                 try:
+                    say()
+                    say("the stack stays up; to look around:")
+                    say(f"export KUBECONFIG={cluster.kubeconfig}")
+                    say(f"export PATH={cluster.workdir / 'tools'}:$PATH   # kubectl, helm")
+                    say(
+                        f"MinIO: {cluster.minio.url} (user {cluster.minio.access_key}, "
+                        f"password {cluster.minio.secret_key})"
+                    )
+                    say("Ctrl-C stops everything")
                     stop.wait()
                 except KeyboardInterrupt:
                     pass

@@ -110,6 +110,9 @@ class FetchSettings:
     allow_nets: tuple[IPNetwork, ...] = ()
     # Connections kept per origin: as many as downloads run at once.
     pool_size: int = 8
+    # Endpoints (address, port) refused whatever allow_nets says: the object store's
+    # and the Kubernetes API server's.
+    deny: frozenset[tuple[str, int]] = frozenset()
     # CA bundle (file or directory) for https; empty means the system default.
     ca_bundle: str = ""
     # User-Agent sent with every request.
@@ -181,7 +184,7 @@ class Fetcher:
         stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
-        self.policy = AddressPolicy(settings.allow_nets)
+        self.policy = AddressPolicy(settings.allow_nets, settings.deny)
         self.resolver = resolver
         self.stop = stop or threading.Event()
         self._pool = httpconn.ConnectionPool(settings.pool_size, _ORIGINS_KEPT)

@@ -19,17 +19,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
-import os
 import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from imagebatch_common import httpconn
-from imagebatch_common.contract import WorkerEnv as Env
+from imagebatch_common.storage_settings import StorageSettings
 
 if TYPE_CHECKING:
     from minio import Minio
@@ -45,37 +45,6 @@ class ObjectNotFound(StorageError):
 
 class StorageUnavailable(StorageError):
     """MinIO could not be reached or refused the request; worth retrying."""
-
-
-@dataclass(frozen=True)
-class StorageSettings:
-    """Where MinIO is and how to log in. Read from ``MINIO_*`` environment variables."""
-
-    endpoint: str  # host:port, no scheme
-    access_key: str
-    secret_key: str
-    secure: bool = False
-    region: str | None = None
-    session_token: str | None = None  # with temporary (STS) credentials
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> StorageSettings:
-        source = os.environ if env is None else env
-        required = (Env.STORAGE_ENDPOINT, Env.STORAGE_ACCESS_KEY, Env.STORAGE_SECRET_KEY)
-        missing = [name.value for name in required if not source.get(name)]
-        if missing:
-            raise ValueError(f"missing storage settings: {', '.join(missing)}")
-        return cls(
-            endpoint=source[Env.STORAGE_ENDPOINT],
-            access_key=source[Env.STORAGE_ACCESS_KEY],
-            secret_key=source[Env.STORAGE_SECRET_KEY],
-            secure=source.get(Env.STORAGE_SECURE, "false").lower() in ("1", "true", "yes"),
-            region=source.get(Env.STORAGE_REGION) or None,
-            session_token=source.get(Env.STORAGE_SESSION_TOKEN) or None,
-        )
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"StorageSettings(endpoint={self.endpoint!r}, secure={self.secure})"
 
 
 @dataclass(frozen=True)
@@ -376,6 +345,50 @@ class Storage:
         except (_S3Error, OSError, http.client.HTTPException) as error:
             raise self._fail(error, f"get {bucket}/{key}") from error
 
+    def stream(self, bucket: str, key: str, chunk: int = 256 * 1024) -> Iterator[bytes]:
+        """The object's bytes in chunks, never held whole; the first request is made now.
+
+        Raises ``ObjectNotFound`` or ``StorageUnavailable`` before returning when the
+        object cannot be opened; a failure while reading raises from the iterator.
+        """
+        try:
+            response = self.client.get_object(bucket, key)
+        except _sdk_errors() as error:
+            raise self._fail(error, f"get {bucket}/{key}") from error
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from response.stream(chunk)
+            except _sdk_errors() as error:
+                raise self._fail(error, f"get {bucket}/{key}") from error
+            finally:
+                response.close()
+                response.release_conn()
+
+        return chunks()
+
+    def lines(self, bucket: str, key: str) -> Iterator[bytes]:
+        """The object's lines (without the newline), streamed."""
+        pending = b""
+        for piece in self.stream(bucket, key):
+            pending += piece
+            *complete, pending = pending.split(b"\n")
+            yield from complete
+        if pending:
+            yield pending
+
+    def presigned_get(self, bucket: str, key: str, seconds: int) -> str:
+        """A GET URL for the object that needs no credentials, valid for ``seconds``."""
+        from datetime import timedelta
+
+        failures: tuple[type[Exception], ...] = (*_sdk_errors(), ValueError)
+        try:
+            return str(
+                self.client.presigned_get_object(bucket, key, expires=timedelta(seconds=seconds))
+            )
+        except failures as error:
+            raise self._fail(error, f"presign {bucket}/{key}") from error
+
     def put(
         self,
         bucket: str,
@@ -445,3 +458,58 @@ class Storage:
         if errors:
             raise StorageUnavailable(f"delete {bucket}/{prefix}: {len(errors)} objects failed")
         return len(keys)
+
+    def assume_role(
+        self,
+        policy: str,
+        seconds: int,
+        *,
+        endpoint: str = "",
+        role_arn: str = "",
+        session_name: str = "",
+    ) -> TemporaryCredentials:
+        """A temporary credential limited by ``policy`` (S3 STS AssumeRole).
+
+        The store grants the intersection of this client's own rights and the session
+        policy. ``endpoint`` is the STS endpoint (default: the store's own, as MinIO
+        serves STS there); ``role_arn`` is required by AWS and ignored by MinIO.
+        """
+        import urllib3
+        from minio.credentials.providers import AssumeRoleProvider
+
+        settings = self.settings
+        scheme = "https" if settings.secure else "http"
+        provider = AssumeRoleProvider(
+            sts_endpoint=endpoint or f"{scheme}://{settings.endpoint}",
+            access_key=settings.access_key,
+            secret_key=settings.secret_key,
+            duration_seconds=seconds,
+            policy=policy,
+            region=settings.region or "",
+            role_arn=role_arn or None,
+            role_session_name=session_name or None,
+        )
+        try:
+            issued = provider.retrieve()
+        except (ValueError, urllib3.exceptions.HTTPError, OSError) as error:
+            # The provider's message names the endpoint and the status, never a key.
+            raise StorageUnavailable(f"assume role: {error}") from error
+        return TemporaryCredentials(
+            access_key=issued.access_key,
+            secret_key=issued.secret_key,
+            session_token=issued.session_token or "",
+            expiration=issued.expiration.replace(tzinfo=UTC) if issued.expiration else None,
+        )
+
+
+@dataclass(frozen=True)
+class TemporaryCredentials:
+    """What STS issues: keys, a session token and when they stop working."""
+
+    access_key: str
+    secret_key: str
+    session_token: str
+    expiration: datetime | None
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"TemporaryCredentials(expiration={self.expiration})"

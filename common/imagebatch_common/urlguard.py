@@ -145,12 +145,21 @@ def connect_address(address: IPAddress) -> IPAddress:
 
 @dataclass(frozen=True)
 class AddressPolicy:
-    """Which addresses the fetcher may connect to: global ones, plus ``allow_nets``."""
+    """Which addresses the fetcher may connect to: global ones, plus ``allow_nets``.
+
+    ``deny`` lists endpoints (address, port) that are refused whatever the networks
+    allow: the object store's and the Kubernetes API server's own, so that allowing a
+    cluster's private range for an internal image host never lets a URL reach them.
+    """
 
     allow_nets: tuple[IPNetwork, ...] = ()
+    deny: frozenset[tuple[str, int]] = frozenset()
 
     def allows(self, address: IPAddress) -> bool:
         return any(address in network for network in self.allow_nets)
+
+    def denied(self, address: IPAddress, port: int) -> bool:
+        return (str(connect_address(address)), port) in self.deny
 
     def refusal(self, address: IPAddress) -> str | None:
         """``None`` when a connection to ``address`` is allowed, else the kind it is."""
@@ -229,6 +238,8 @@ def resolve_target(url: str, policy: AddressPolicy, resolver: Resolver = system_
 
     literal = parse_ip_literal(host)
     if literal is not None:
+        if policy.denied(literal, port):
+            raise _blocked(f"{host}:{port} is a service of the cluster itself")
         refusal = policy.refusal(literal)
         if refusal is not None:
             raise _blocked(f"{host} is a {refusal} address")
@@ -259,7 +270,35 @@ def resolve_target(url: str, policy: AddressPolicy, resolver: Resolver = system_
     if not addresses:
         raise ImageFailure(Stage.FETCH, Reason.DNS_FAILED, f"{host} resolves to no address")
     for address in addresses:
+        if policy.denied(address, port):
+            raise _blocked(f"{host}:{port} is a service of the cluster itself")
         refusal = policy.refusal(address)
         if refusal is not None:
             raise _blocked(f"{host} resolves to {address}, a {refusal} address")
     return Target(url, scheme, host, port, str(connect_address(addresses[0])))
+
+
+def parse_endpoints(text: str, resolver: Resolver = system_resolver) -> frozenset[tuple[str, int]]:
+    """``"host:port,host:port"`` as the (address, port) pairs they resolve to now.
+
+    For the deny list: a name that does not resolve is skipped (nothing to refuse).
+    """
+    found: set[tuple[str, int]] = set()
+    for item in text.replace(" ", ",").split(","):
+        if not item:
+            continue
+        host, _, raw_port = item.rpartition(":")
+        host = host.strip("[]")
+        if not host or not raw_port.isdigit():
+            raise ValueError(f"{item!r} is not host:port")
+        port = int(raw_port)
+        literal = parse_ip_literal(host)
+        if literal is not None:
+            found.add((str(connect_address(literal)), port))
+            continue
+        try:
+            for address in resolver(host, port):
+                found.add((str(connect_address(ipaddress.ip_address(address))), port))
+        except (OSError, UnicodeError, ValueError):
+            continue
+    return frozenset(found)

@@ -1,11 +1,14 @@
-"""Pure status computation: conditions from what is observed, phase derived from them.
+"""Pure status computation: conditions from what a run is doing, phase derived from them.
 
-The operator never chains on ``status.phase``; it observes (the CSV's validity, the
-Job, the shard results, the webhook) and this module turns one observation into the
-whole status. A condition keeps its ``lastTransitionTime`` while its status does not
-change, and the caller writes the status only when the result differs from what is
-stored. kstatus and ``kubectl wait`` rules (DESIGN.md §10): ``Ready`` is there from the
-first reconcile; a failed batch says ``Stalled=True`` as well as ``Ready=False``.
+``decide`` says where the batch's current run is (a ``RunView``); this module turns that
+into the whole status. A condition keeps its ``lastTransitionTime`` while its status
+does not change, and the caller writes the status only when the result differs from
+what is stored. kstatus and ``kubectl wait`` rules (DESIGN.md §10): ``Ready`` is there
+from the first reconcile; a batch that cannot go on says ``Stalled=True`` as well as
+``Ready=False``; every condition carries the generation it describes.
+
+The enums here are the only spelling of phases, condition types and reasons in the
+operator.
 """
 
 from __future__ import annotations
@@ -16,38 +19,105 @@ from enum import StrEnum
 from typing import Any
 
 
-class Stage(StrEnum):
-    """Where a run is; an observation, not stored state."""
+class Phase(StrEnum):
+    """The display phase (a printer column), derived from the conditions."""
 
     PENDING = "Pending"
     VALIDATING = "Validating"
-    INVALID = "Invalid"  # the CSV is bad: terminal until the spec changes
-    SOURCE_UNAVAILABLE = "SourceUnavailable"  # cannot read the CSV yet: retried
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
 
+class ConditionType(StrEnum):
+    READY = "Ready"
+    VALIDATED = "Validated"
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+    WEBHOOK_DELIVERED = "WebhookDelivered"
+    RECONCILING = "Reconciling"  # kstatus: work in progress
+    STALLED = "Stalled"  # kstatus: cannot go on without a change
+
+
+class RunState(StrEnum):
+    """Where the current run is; decided each pass, never stored as such."""
+
+    QUEUED = "Queued"  # waiting for a slot in its namespace
+    VALIDATING = "Validating"
+    SOURCE_UNAVAILABLE = "SourceUnavailable"  # the CSV cannot be read yet: retried
+    INVALID = "Invalid"  # the CSV is bad: terminal until the spec changes
+    REFUSED = "Refused"  # the spec asks for what this operator does not allow
+    RUNNING = "Running"
+    MERGING = "Merging"  # every shard finished; writing output.csv
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"  # more images failed than the failure policy allows
+
+
 class Reason(StrEnum):
-    """CamelCase reasons of the conditions; also the Event reasons."""
+    """CamelCase reasons of the conditions."""
 
     PENDING = "Pending"
+    QUEUED = "Queued"
     VALIDATING = "Validating"
     CSV_VALID = "CSVValid"
     INVALID_CSV = "InvalidCSV"
     SOURCE_UNAVAILABLE = "SourceUnavailable"
     RUNNING = "Running"
     SUSPENDED = "Suspended"
+    MERGING = "Merging"
     SUCCEEDED = "Succeeded"
     SUCCEEDED_WITH_FAILURES = "SucceededWithFailures"
     TOO_MANY_FAILED_IMAGES = "TooManyFailedImages"
     NOT_COMPLETE = "NotComplete"
     NOT_FAILED = "NotFailed"
+    # Refusals: the spec names something this operator's settings do not allow.
+    OUTPUT_NOT_ALLOWED = "OutputNotAllowed"
+    SOURCE_NOT_ALLOWED = "SourceNotAllowed"
+    OVER_LIMIT = "OverLimit"
+    SECRET_CONFLICT = "SecretConflict"  # noqa: S105 - a reason, not a secret
+    CREDENTIALS_UNAVAILABLE = "CredentialsUnavailable"
+    # WebhookDelivered
     WEBHOOK_PENDING = "Pending"
     WEBHOOK_DELIVERED = "Delivered"
     WEBHOOK_RETRYING = "Retrying"
     WEBHOOK_FAILED = "DeliveryFailed"
     WEBHOOK_GONE = "ReceiverGone"
+
+
+class EventReason(StrEnum):
+    """Reasons of the Events the operator posts on an ImageBatch."""
+
+    VALIDATED = "Validated"
+    INVALID_CSV = "InvalidCSV"
+    CSV_NOTICE = "CSVNotice"
+    SOURCE_UNAVAILABLE = "SourceUnavailable"
+    REFUSED = "Refused"
+    QUEUED = "Queued"
+    JOB_CREATED = "JobCreated"
+    JOB_RECREATED = "JobRecreated"
+    RUN_REPLACED = "RunReplaced"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    WEBHOOK_DELIVERED = "WebhookDelivered"
+    WEBHOOK_RETRYING = "WebhookRetrying"
+    WEBHOOK_FAILED = "WebhookFailed"
+    CREDENTIALS_RENEWED = "CredentialsRenewed"
+    OUTPUTS_DELETED = "OutputsDeleted"
+    RECONCILE_ERROR = "ReconcileError"
+
+
+TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
+
+IN_PROGRESS = frozenset(
+    {
+        RunState.QUEUED,
+        RunState.VALIDATING,
+        RunState.SOURCE_UNAVAILABLE,
+        RunState.RUNNING,
+        RunState.MERGING,
+    }
+)
+CANNOT_GO_ON = frozenset({RunState.INVALID, RunState.REFUSED, RunState.FAILED})
 
 
 @dataclass(frozen=True)
@@ -68,13 +138,15 @@ class Counts:
 
 
 @dataclass(frozen=True)
-class Observation:
+class RunView:
     """Everything the status is computed from, for one look at one batch."""
 
     generation: int
-    stage: Stage
+    state: RunState
     run: str = ""
+    identity: str = ""  # BatchSpec.run_identity() of the run
     message: str = ""
+    reason: Reason | None = None  # the refusal's reason (RunState.REFUSED)
     suspended: bool = False
     rows: Counts = field(default_factory=Counts)
     images: Counts = field(default_factory=Counts)
@@ -85,9 +157,10 @@ class Observation:
     output: Mapping[str, str] | None = None
     start_time: str | None = None
     completion_time: str | None = None
+    validated_message: str = ""  # the Validated condition's message once valid
     webhook_configured: bool = False
-    webhook: Mapping[str, Any] | None = None  # attempts, lastStatusCode, deliveredTime, ...
-    webhook_state: Reason | None = None
+    webhook: Mapping[str, Any] | None = None  # None keeps what is stored
+    webhook_state: Reason | None = None  # None keeps what is stored
     webhook_message: str = ""
 
 
@@ -126,132 +199,156 @@ def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None
     return None
 
 
+def condition_is(status: Mapping[str, Any], type_: str, value: str = TRUE) -> bool:
+    found = condition(status, type_)
+    return found is not None and found.get("status") == value
+
+
 def webhook_condition_status(state: Reason) -> str:
     """WebhookDelivered: True once delivered, False once given up, Unknown while trying."""
     if state is Reason.WEBHOOK_DELIVERED:
-        return "True"
+        return TRUE
     if state in (Reason.WEBHOOK_FAILED, Reason.WEBHOOK_GONE):
-        return "False"
-    return "Unknown"
+        return FALSE
+    return UNKNOWN
 
 
-def derive_phase(conditions: Sequence[Mapping[str, Any]], stage: Stage) -> str:
-    """The display phase: from the conditions first, the stage only for in-progress."""
+def derive_phase(conditions: Sequence[Mapping[str, Any]], state: RunState) -> Phase:
+    """The display phase: from the conditions first, the run state only for in-progress."""
     by_type = {c["type"]: c for c in conditions}
-    if by_type.get("Complete", {}).get("status") == "True":
-        return "Succeeded"
-    if by_type.get("Failed", {}).get("status") == "True":
-        return "Failed"
-    if stage in (Stage.RUNNING,):
-        return "Running"
-    if stage in (Stage.VALIDATING, Stage.SOURCE_UNAVAILABLE):
-        return "Validating"
-    return "Pending"
+    if by_type.get(ConditionType.COMPLETE, {}).get("status") == TRUE:
+        return Phase.SUCCEEDED
+    if by_type.get(ConditionType.FAILED, {}).get("status") == TRUE:
+        return Phase.FAILED
+    if state in (RunState.RUNNING, RunState.MERGING):
+        return Phase.RUNNING
+    if state in (RunState.VALIDATING, RunState.SOURCE_UNAVAILABLE):
+        return Phase.VALIDATING
+    return Phase.PENDING
 
 
-def _summary(o: Observation) -> str:
+def _summary(v: RunView) -> str:
     return (
-        f"{o.images.succeeded}/{o.images.total} images done, {o.images.failed} failed; "
-        f"{o.shards.succeeded}/{o.shards.total} shards"
+        f"{v.images.succeeded}/{v.images.total} images done, {v.images.failed} failed; "
+        f"{v.shards.succeeded + v.shards.failed}/{v.shards.total} shards finished"
     )
 
 
-def compute_status(previous: Mapping[str, Any], o: Observation, now: str) -> dict[str, Any]:
-    """The whole status for observation ``o``, keeping what must survive from ``previous``."""
-    g = o.generation
+def _state_reason(v: RunView) -> Reason:
+    if v.state is RunState.REFUSED:
+        return v.reason or Reason.OVER_LIMIT
+    if v.state is RunState.RUNNING and v.suspended:
+        return Reason.SUSPENDED
+    if v.state is RunState.SUCCEEDED and v.images.failed:
+        return Reason.SUCCEEDED_WITH_FAILURES
+    return {
+        RunState.QUEUED: Reason.QUEUED,
+        RunState.VALIDATING: Reason.VALIDATING,
+        RunState.SOURCE_UNAVAILABLE: Reason.SOURCE_UNAVAILABLE,
+        RunState.INVALID: Reason.INVALID_CSV,
+        RunState.RUNNING: Reason.RUNNING,
+        RunState.MERGING: Reason.MERGING,
+        RunState.SUCCEEDED: Reason.SUCCEEDED,
+        RunState.FAILED: Reason.TOO_MANY_FAILED_IMAGES,
+    }[v.state]
+
+
+def _complete_message(v: RunView) -> str:
+    """Why the batch is or is not complete, true for every state."""
+    shards_done = v.shards.succeeded + v.shards.failed
+    if v.state is RunState.INVALID:
+        return "the CSV is invalid: no shard ran"
+    if v.state is RunState.REFUSED:
+        return "refused: no shard ran"
+    if v.state is RunState.FAILED:
+        return (
+            f"all {v.shards.total} shards finished, but {v.images.failed} of {v.images.total} "
+            "images failed, more than the failure policy allows"
+        )
+    if v.state in (RunState.QUEUED, RunState.VALIDATING, RunState.SOURCE_UNAVAILABLE):
+        return "not started: the CSV is not validated yet"
+    if v.state is RunState.MERGING:
+        return f"all {v.shards.total} shards finished; writing output.csv"
+    return f"{shards_done} of {v.shards.total} shards finished"
+
+
+def compute_status(previous: Mapping[str, Any], v: RunView, now: str) -> dict[str, Any]:
+    """The whole status for ``v``, keeping what must survive from ``previous``."""
+    g = v.generation
     conds: list[dict[str, Any]] = [dict(c) for c in previous.get("conditions") or []]
 
-    def put(type_: str, status: str, reason: str, message: str) -> None:
+    def put(type_: ConditionType, status: str, reason: str, message: str) -> None:
         nonlocal conds
         conds = set_condition(conds, type_, status, reason, message, g, now)
 
-    terminal_failure = o.stage in (Stage.INVALID, Stage.FAILED)
+    reason = _state_reason(v)
+    message = v.message or _summary(v)
     # Validated
-    if o.stage in (Stage.PENDING, Stage.VALIDATING):
-        put("Validated", "Unknown", Reason.VALIDATING, "reading and validating the CSV")
-    elif o.stage is Stage.SOURCE_UNAVAILABLE:
-        put("Validated", "Unknown", Reason.SOURCE_UNAVAILABLE, o.message)
-    elif o.stage is Stage.INVALID:
-        put("Validated", "False", Reason.INVALID_CSV, o.message)
+    if v.state in (RunState.QUEUED, RunState.VALIDATING):
+        put(ConditionType.VALIDATED, UNKNOWN, reason, v.message or "the CSV is not read yet")
+    elif v.state is RunState.SOURCE_UNAVAILABLE:
+        put(ConditionType.VALIDATED, UNKNOWN, reason, v.message)
+    elif v.state in (RunState.INVALID, RunState.REFUSED):
+        put(ConditionType.VALIDATED, FALSE, reason, v.message)
     else:
-        valid = f"{o.rows.total} rows, {o.images.total} distinct images"
-        put("Validated", "True", Reason.CSV_VALID, valid)
+        valid = v.validated_message or f"{v.rows.total} rows, {v.images.total} distinct images"
+        put(ConditionType.VALIDATED, TRUE, Reason.CSV_VALID, valid)
     # Complete / Failed
-    if o.stage is Stage.SUCCEEDED:
-        reason = Reason.SUCCEEDED_WITH_FAILURES if o.images.failed else Reason.SUCCEEDED
-        put("Complete", "True", reason, _summary(o))
+    if v.state is RunState.SUCCEEDED:
+        put(ConditionType.COMPLETE, TRUE, reason, _summary(v))
     else:
-        put("Complete", "False", Reason.NOT_COMPLETE, "not every shard has finished")
-    if o.stage is Stage.INVALID:
-        put("Failed", "True", Reason.INVALID_CSV, o.message)
-    elif o.stage is Stage.FAILED:
-        put("Failed", "True", Reason.TOO_MANY_FAILED_IMAGES, o.message or _summary(o))
+        put(ConditionType.COMPLETE, FALSE, Reason.NOT_COMPLETE, _complete_message(v))
+    if v.state in CANNOT_GO_ON:
+        put(ConditionType.FAILED, TRUE, reason, message)
     else:
-        put("Failed", "False", Reason.NOT_FAILED, "")
+        put(ConditionType.FAILED, FALSE, Reason.NOT_FAILED, "")
     # kstatus: Reconciling while work is in progress, Stalled when it cannot go on.
-    stage_reason = {
-        Stage.PENDING: Reason.PENDING,
-        Stage.VALIDATING: Reason.VALIDATING,
-        Stage.SOURCE_UNAVAILABLE: Reason.SOURCE_UNAVAILABLE,
-        Stage.INVALID: Reason.INVALID_CSV,
-        Stage.RUNNING: Reason.SUSPENDED if o.suspended else Reason.RUNNING,
-        Stage.SUCCEEDED: Reason.SUCCEEDED,
-        Stage.FAILED: Reason.TOO_MANY_FAILED_IMAGES,
-    }[o.stage]
-    in_progress = o.stage in (
-        Stage.PENDING,
-        Stage.VALIDATING,
-        Stage.SOURCE_UNAVAILABLE,
-        Stage.RUNNING,
-    )
-    message = o.message or _summary(o)
+    in_progress = v.state in IN_PROGRESS
+    stalled = v.state in CANNOT_GO_ON
     put(
-        "Reconciling",
-        "True" if in_progress else "False",
-        stage_reason,
+        ConditionType.RECONCILING,
+        TRUE if in_progress else FALSE,
+        reason,
         message if in_progress else "",
     )
-    put(
-        "Stalled",
-        "True" if terminal_failure else "False",
-        stage_reason,
-        message if terminal_failure else "",
-    )
-    put("Ready", "True" if o.stage is Stage.SUCCEEDED else "False", stage_reason, message)
+    put(ConditionType.STALLED, TRUE if stalled else FALSE, reason, message if stalled else "")
+    put(ConditionType.READY, TRUE if v.state is RunState.SUCCEEDED else FALSE, reason, message)
     # WebhookDelivered, only when a webhook is configured.
-    if o.webhook_configured:
-        kept = condition(previous, "WebhookDelivered")
-        state = o.webhook_state or (
+    if v.webhook_configured:
+        kept = condition(previous, ConditionType.WEBHOOK_DELIVERED)
+        known = {r.value for r in Reason}
+        state = v.webhook_state or (
             Reason(kept["reason"])
-            if kept is not None and kept.get("reason") in set(Reason)
+            if kept is not None and kept.get("reason") in known
             else Reason.WEBHOOK_PENDING
         )
-        if o.webhook_state is None and kept is not None:
-            message = str(kept.get("message", ""))
-        else:
-            message = o.webhook_message
-        put("WebhookDelivered", webhook_condition_status(state), state, message)
+        hook_message = (
+            str(kept.get("message", ""))
+            if v.webhook_state is None and kept is not None
+            else v.webhook_message
+        )
+        put(ConditionType.WEBHOOK_DELIVERED, webhook_condition_status(state), state, hook_message)
     else:
-        conds = [c for c in conds if c.get("type") != "WebhookDelivered"]
+        conds = [c for c in conds if c.get("type") != ConditionType.WEBHOOK_DELIVERED]
 
-    status: dict[str, Any] = {
-        "phase": derive_phase(conds, o.stage),
+    return {
+        "phase": derive_phase(conds, v.state).value,
         "observedGeneration": g,
         "conditions": conds,
-        "run": o.run or None,
-        "rows": o.rows.as_status(),
-        "images": o.images.as_status(skipped=True),
-        "imagesSummary": f"{o.images.succeeded}/{o.images.total}",
-        "shardsSummary": f"{o.shards.succeeded + o.shards.failed}/{o.shards.total}",
-        "shards": o.shards.as_status(active=True),
-        "bytes": {"input": o.input_bytes, "output": o.output_bytes},
-        "validationErrors": [dict(p) for p in o.problems] or None,
-        "output": dict(o.output) if o.output else None,
-        "webhook": dict(o.webhook) if o.webhook is not None else previous.get("webhook"),
-        "startTime": o.start_time,
-        "completionTime": o.completion_time,
+        "run": v.run or None,
+        "runIdentity": v.identity or None,
+        "rows": v.rows.as_status(),
+        "images": v.images.as_status(skipped=True),
+        "imagesSummary": f"{v.images.succeeded}/{v.images.total}",
+        "shardsSummary": f"{v.shards.succeeded + v.shards.failed}/{v.shards.total}",
+        "shards": v.shards.as_status(active=True),
+        "bytes": {"input": v.input_bytes, "output": v.output_bytes},
+        "validationErrors": [dict(p) for p in v.problems] or None,
+        "output": dict(v.output) if v.output else None,
+        "webhook": dict(v.webhook) if v.webhook is not None else previous.get("webhook"),
+        "startTime": v.start_time,
+        "completionTime": v.completion_time,
     }
-    return status
 
 
 def _pruned(value: Any) -> Any:
@@ -270,3 +367,26 @@ def differs(stored: Mapping[str, Any], computed: Mapping[str, Any]) -> bool:
         elif _pruned(stored.get(key)) != _pruned(value):
             return True
     return False
+
+
+def only_counters_differ(stored: Mapping[str, Any], computed: Mapping[str, Any]) -> bool:
+    """True when the change is progress alone (counters), with no condition moving.
+
+    Such a write may wait a moment so a busy batch costs about one write a second;
+    a change of any condition is written at once.
+    """
+    progress = {"rows", "images", "imagesSummary", "shards", "shardsSummary", "bytes"}
+    changed = {
+        key
+        for key, value in computed.items()
+        if _pruned(stored.get(key)) != _pruned(value) and not (value is None and key not in stored)
+    }
+    if not changed <= progress | {"conditions"}:
+        return False
+    if "conditions" not in changed:
+        return True
+
+    def shape(conditions: Any) -> set[tuple[str, str, str]]:
+        return {(c.get("type"), c.get("status"), c.get("reason")) for c in conditions or []}
+
+    return shape(stored.get("conditions")) == shape(computed.get("conditions"))

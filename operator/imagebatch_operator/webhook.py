@@ -3,37 +3,29 @@
 A run's webhook carries a stable ``webhook-id`` (batch uid + run), so a receiver can
 drop a repeat after an operator crash. With a secret it is signed as the Standard
 Webhooks specification says (``webhook-signature: v1,<base64 HMAC-SHA256>`` over
-``id.timestamp.body``), by the ``standardwebhooks`` package. Delivery retries network
-errors, 429 (honouring ``Retry-After``) and 5xx with exponential backoff and jitter, a
-bounded number of times; 3xx and other 4xx are failures, and 410 means the receiver
-wants no more. The URL goes through the same address guard as image fetches.
+``id.timestamp.body``), by the ``standardwebhooks`` package.
+
+Delivery is one attempt per reconcile pass, never a sleep: network errors, 429 and 5xx
+are retried along a schedule of delays (about a day and a half by default, a setting),
+and ``Retry-After`` in either form stretches the wait; 3xx and other 4xx are failures,
+and 410 means the receiver wants no more. ``next_record`` turns one attempt into the
+run's delivery record, with ``nextAttemptTime`` persisted in the status so a restart
+keeps the schedule. Everything here is pure; the POST itself is ``fetching``'s, under
+the same address guard as image fetches, and no error text carries the URL (a webhook
+URL may hold a token).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import requests
 from standardwebhooks.webhooks import Webhook
 
 EVENT_COMPLETED = "imagebatch.completed"
-
-
-class Refused(Exception):
-    """The URL may not be called at all (e.g. its address is not allowed): never retried."""
-
-
-class Poster(Protocol):
-    """What sends one POST (``fetching.GuardedPoster`` in the operator)."""
-
-    def post(
-        self, url: str, data: bytes, headers: Mapping[str, str], timeout: float
-    ) -> requests.Response: ...
 
 
 def webhook_id(uid: str, run: str) -> str:
@@ -49,6 +41,7 @@ def fresh_record(uid: str, run: str) -> dict[str, Any]:
         "lastStatusCode": None,
         "lastError": None,
         "lastAttemptTime": None,
+        "nextAttemptTime": None,
         "deliveredTime": None,
         "gaveUp": None,
     }
@@ -136,48 +129,99 @@ def classify(status_code: int) -> tuple[bool, bool]:
     return False, False  # 3xx is a failure (no redirects followed); 4xx is final
 
 
-def backoff(attempt: int, base: float, retry_after: float | None, rng: random.Random) -> float:
-    """Seconds to wait before the next attempt: exponential with full jitter, capped."""
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), 300.0)
-    ceiling = min(base * 2.0 ** (attempt - 1), 300.0)
-    jitter: float = rng.uniform(0, ceiling / 2)
-    return ceiling / 2 + jitter
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """A retry schedule from ``"0,5,300"``: seconds to wait before each attempt, in order.
+
+    The first entry is the wait before the first attempt (usually 0). Raises
+    ``ValueError`` naming a bad entry.
+    """
+    delays: list[float] = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        try:
+            delay = float(item)
+        except ValueError as error:
+            raise ValueError(f"{item!r} is not a number of seconds") from error
+        if not delay >= 0:
+            raise ValueError(f"{item!r} is negative")
+        delays.append(delay)
+    if not delays:
+        raise ValueError("the schedule has no attempt")
+    return tuple(delays)
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
+# Immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h: about a day and a half, as
+# Standard Webhooks providers retry, so a receiver down overnight still gets the call.
+DEFAULT_SCHEDULE = parse_schedule("0,5,300,1800,7200,18000,36000,36000")
+# A receiver asking for more than this in Retry-After is waited for this long.
+MAX_RETRY_AFTER_SECONDS = 24 * 3600.0
+
+
+def next_record(
+    record: Mapping[str, Any],
+    attempt: Attempt,
+    schedule: tuple[float, ...],
+    now: datetime.datetime,
+) -> tuple[dict[str, Any], str, str]:
+    """The delivery record after ``attempt`` and what to say: (record, verdict, message).
+
+    ``verdict`` is one of ``delivered``, ``gone`` (410), ``failed`` (not worth retrying,
+    or the schedule is spent) and ``retrying``; for ``retrying`` the record's
+    ``nextAttemptTime`` is when the schedule (or a longer Retry-After) says to try again.
+    """
+    out = dict(record)
+    out.update(
+        attempts=attempt.number,
+        lastAttemptTime=attempt.time,
+        lastStatusCode=attempt.status_code,
+        lastError=attempt.error or None,
+        nextAttemptTime=None,
+    )
+    if attempt.delivered:
+        out["deliveredTime"] = attempt.time
+        return (
+            out,
+            "delivered",
+            f"delivered on attempt {attempt.number} (HTTP {attempt.status_code})",
+        )
+    if attempt.status_code == 410:
+        out["gaveUp"] = True
+        return out, "gone", "the receiver answered 410 Gone; not retried"
+    if not attempt.retry:
+        out["gaveUp"] = True
+        return out, "failed", f"attempt {attempt.number} failed: {attempt.error}; not retried"
+    if attempt.number >= len(schedule):
+        out["gaveUp"] = True
+        return (
+            out,
+            "failed",
+            f"attempt {attempt.number} failed: {attempt.error}; the retry schedule is spent",
+        )
+    wait = schedule[attempt.number]
+    if attempt.retry_after is not None:
+        wait = max(wait, min(attempt.retry_after, MAX_RETRY_AFTER_SECONDS))
+    due = now + datetime.timedelta(seconds=wait)
+    if due.microsecond:  # the status keeps whole seconds: round up, never early
+        due += datetime.timedelta(microseconds=1_000_000 - due.microsecond)
+    out["nextAttemptTime"] = format_time(due)
+    return (
+        out,
+        "retrying",
+        f"attempt {attempt.number} of {len(schedule)} failed: {attempt.error}; "
+        f"next attempt at {out['nextAttemptTime']}",
+    )
+
+
+def format_time(when: datetime.datetime) -> str:
+    """RFC 3339 in UTC with seconds, as Kubernetes writes times."""
+    return when.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime.datetime | None:
+    if not text:
         return None
     try:
-        return float(value)
+        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
     except ValueError:
         return None
-
-
-def attempt_delivery(
-    poster: Poster,
-    url: str,
-    body: bytes,
-    hdrs: Mapping[str, str],
-    number: int,
-    timeout: float,
-    now: Callable[[], str],
-) -> Attempt:
-    """POST once; never raises for what the network or the receiver does."""
-    try:
-        response = poster.post(url, body, hdrs, timeout)
-    except Refused as refusal:
-        return Attempt(number, now(), None, f"refused: {refusal}"[:300], False, False)
-    except requests.RequestException as failure:
-        why = f"{type(failure).__name__}: {failure}"[:300]
-        return Attempt(number, now(), None, why, False, True)
-    delivered, retry = classify(response.status_code)
-    return Attempt(
-        number,
-        now(),
-        response.status_code,
-        "" if delivered else f"HTTP {response.status_code}",
-        delivered,
-        retry,
-        _retry_after(response.headers.get("Retry-After")) if response.status_code == 429 else None,
-    )

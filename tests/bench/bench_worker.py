@@ -66,7 +66,8 @@ from imagebatch_common.contract import (
 )
 from imagebatch_common.envread import parse_networks
 from imagebatch_common.fetch import Fetcher
-from imagebatch_common.storage import Storage, StorageSettings
+from imagebatch_common.storage import Storage
+from imagebatch_common.storage_settings import StorageSettings
 from imagebatch_worker.compress import CompressParams, compress, encoder_options
 from imagebatch_worker.compressors import ThreadCompressor
 from imagebatch_worker.settings import WorkerSettings

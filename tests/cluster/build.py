@@ -12,12 +12,18 @@ dependency's ``replace`` lines. The wrapper module therefore carries one
 ``replace k8s.io/X => k8s.io/X v0.N.M`` line per staging module, generated from the
 pinned release's own go.mod, so a version bump is one edit to ``VERSIONS``.
 
+Test tools of our own (``tests/kstatus``: the kstatus library run on live objects) are
+built the same way from their folder in this repository, which is their module: the
+cache name carries the pinned library version and a digest of the folder's files, so
+an edit builds a new binary and an unchanged tool is never rebuilt.
+
 Run ``python -m tests.cluster.build`` to build everything that is missing.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -34,21 +40,43 @@ ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 # MinIO has no semver tags; this pseudo-version is its last published source snapshot.
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"
+# sigs.k8s.io/cli-utils, whose kstatus package Flux and kapply compute health with
+# (also pinned in tests/kstatus/go.mod; a unit test keeps the two equal).
+CLI_UTILS_VERSION = "v0.37.2"
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
 class GoBinary:
-    """One binary built from one package of one pinned module."""
+    """One binary built from one package of one pinned module.
+
+    With ``source`` (a folder of this repository holding a go.mod), the module is that
+    folder, ``version`` is the version of the library it is built for, and ``package``
+    is relative to the folder.
+    """
 
     name: str
     module: str
     version: str
     package: str
     tags: str = ""
+    source: str = ""
 
     @property
     def cache_name(self) -> str:
+        if self.source:
+            return f"{self.name}-{self.version}-{source_digest(REPO_ROOT / self.source)}"
         return f"{self.name}-{self.version}"
+
+
+def source_digest(folder: Path) -> str:
+    """A short digest of a tool's files (names and contents), for its cache name."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 BINARIES: tuple[GoBinary, ...] = (
@@ -68,6 +96,7 @@ BINARIES: tuple[GoBinary, ...] = (
     GoBinary("kubectl", "k8s.io/kubernetes", KUBERNETES_VERSION, "k8s.io/kubernetes/cmd/kubectl"),
     GoBinary("minio", "github.com/minio/minio", MINIO_VERSION, "github.com/minio/minio", "kqueue"),
     GoBinary("helm", "helm.sh/helm/v3", HELM_VERSION, "helm.sh/helm/v3/cmd/helm"),
+    GoBinary("kstatus", "sigs.k8s.io/cli-utils", CLI_UTILS_VERSION, ".", source="tests/kstatus"),
 )
 
 _STAGING_REPLACE = re.compile(r"^\s*(?:replace\s+)?(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", re.M)
@@ -177,8 +206,12 @@ def build(binary: GoBinary) -> Path:
 def _build(binary: GoBinary, target: Path) -> Path:
     print(f"[build] {binary.name} {binary.version} from {binary.module} ...", flush=True)
     started = time.monotonic()
-    work = _wrapper_module(binary.module, binary.version)
-    _go(["get", f"{binary.package}@{binary.version}"], work)
+    if binary.source:
+        # Our own module: its go.mod and go.sum pin every dependency already.
+        work = REPO_ROOT / binary.source
+    else:
+        work = _wrapper_module(binary.module, binary.version)
+        _go(["get", f"{binary.package}@{binary.version}"], work)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     args = ["build", "-trimpath", "-o", str(partial)]
     if binary.tags:

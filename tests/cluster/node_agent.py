@@ -12,10 +12,25 @@ the real Job controller. The agent closes the gap the kubelet would fill:
 - honours ``restartPolicy`` and writes the pod status (phase, container states with
   exit codes, conditions) so the Job controller counts, retries and completes;
 - treats deletion as termination: SIGTERM, SIGKILL after the grace period, a terminal
-  status, then ``DELETE`` with grace period 0, as the kubelet does.
+  status, then ``DELETE`` with grace period 0, as the kubelet does;
+- serves the kubelet's container-log endpoint, so ``kubectl logs`` works: the API server
+  proxies it to ``https://<InternalIP>:<daemonEndpoints.kubeletEndpoint.Port>/containerLogs/
+  {namespace}/{pod}/{container}``. The agent listens on 127.0.0.1 with a serving
+  certificate from the cluster's CA and accepts only clients with a certificate from
+  that CA (the API server's kubelet-client certificate). ``follow``, ``tailLines`` and
+  ``limitBytes`` behave as on a kubelet; ``timestamps``, ``sinceSeconds`` and
+  ``sinceTime`` are ignored (the agent keeps no time per line), and ``previous`` is
+  refused (a restarted container's output is appended to the same file);
+- outlives the API server going away: every write whose loss would wedge a pod (its
+  status, the final ``DELETE``) is retried with backoff until the API server answers or
+  the agent shuts down (``retry``), and the pod watch lists and watches again.
 
-Run: ``python -m tests.cluster.node_agent --kubeconfig K --server URL --ca CA --workdir D``.
-Container output goes to ``D/logs/<namespace>_<pod>_<container>.log``.
+A container killed by a signal reports exit code 128 + the signal number (137 for
+SIGKILL), as container runtimes do.
+
+Run: ``python -m tests.cluster.node_agent --kubeconfig K --server URL --ca CA --workdir D
+--serving-cert C --serving-key K``. Container output goes to
+``D/logs/<namespace>_<pod>_<container>.log``.
 """
 
 from __future__ import annotations
@@ -27,19 +42,24 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
 from tests.cluster import pki, podenv
 from tests.cluster.proc import die_with_parent
+from tests.cluster.retry import Backoff, Stopped, is_transient, retry
 
 log = logging.getLogger("node-agent")
 
@@ -47,6 +67,10 @@ NODE_NAME = "imagebatch-node"
 POD_IP = "127.0.0.1"
 TERMINAL = ("Succeeded", "Failed")
 _SMP = "application/strategic-merge-patch+json"
+# A request the API server accepted but never answers must not hold a write forever.
+_REQUEST_TIMEOUT = 15
+# Seconds to wait before listing pods again after the watch failed (n-th time in a row).
+WATCH_BACKOFF = Backoff(initial=0.5, factor=2.0, cap=5.0)
 
 
 def now() -> str:
@@ -67,6 +91,196 @@ def pod_conditions(ready: bool, stamp: str) -> list[dict[str, str]]:
 def terminal_phase(exit_codes: Mapping[str, int]) -> str:
     """Succeeded only when every container exited 0, as for ``restartPolicy: Never``."""
     return "Succeeded" if all(code == 0 for code in exit_codes.values()) else "Failed"
+
+
+@dataclass(frozen=True)
+class LogRequest:
+    """A ``/containerLogs/{namespace}/{pod}/{container}`` request, as the kubelet reads it."""
+
+    namespace: str
+    pod: str
+    container: str
+    follow: bool = False
+    tail_lines: int | None = None
+    limit_bytes: int | None = None
+
+
+class BadLogRequest(ValueError):
+    """Not a log request the agent can answer; the message says why (HTTP 400 or 404)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_log_request(target: str) -> LogRequest:
+    """The request line's target (path and query) as a ``LogRequest``."""
+    parts = urlsplit(target)
+    segments = [unquote(s) for s in parts.path.split("/")]
+    if len(segments) != 5 or segments[1] != "containerLogs" or not all(segments[2:]):
+        raise BadLogRequest(404, f"not found: {parts.path}")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+
+    def number(name: str) -> int | None:
+        if name not in query:
+            return None
+        try:
+            value = int(query[name])
+        except ValueError:
+            raise BadLogRequest(400, f"{name} must be an integer, not {query[name]!r}") from None
+        if value < 0:
+            raise BadLogRequest(400, f"{name} must not be negative")
+        return value
+
+    if query.get("previous", "false").lower() == "true":
+        raise BadLogRequest(
+            400, "previous container logs are not kept: restarts append to one file"
+        )
+    return LogRequest(
+        namespace=segments[2],
+        pod=segments[3],
+        container=segments[4],
+        follow=query.get("follow", "false").lower() == "true",
+        tail_lines=number("tailLines"),
+        limit_bytes=number("limitBytes"),
+    )
+
+
+def select_log(data: bytes, tail_lines: int | None, limit_bytes: int | None) -> bytes:
+    """The part of a log a kubelet returns: the last ``tail_lines`` lines, then at most
+    ``limit_bytes`` bytes of those from their start."""
+    if tail_lines is not None:
+        if tail_lines == 0:
+            data = b""
+        else:
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[-tail_lines:])
+    if limit_bytes is not None:
+        data = data[:limit_bytes]
+    return data
+
+
+class LogServer:
+    """The container-log endpoint on 127.0.0.1, HTTPS with client certificates."""
+
+    def __init__(self, agent: NodeAgent, cert: Path, key: Path, client_ca: Path):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(cert), str(key))
+        context.load_verify_locations(str(client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+        self.httpd = _TlsServer(("127.0.0.1", 0), _log_handler(agent), context)
+        self.port: int = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+
+class _TlsServer(ThreadingHTTPServer):
+    """TLS with the handshake in each connection's own thread, under a timeout.
+
+    Wrapping the listening socket would run every handshake in the accept loop: one
+    client that connects and says nothing (a port probe from another program on this
+    machine) would then stall every later ``kubectl logs``.
+    """
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        context: ssl.SSLContext,
+    ):
+        self.context = context
+        super().__init__(address, handler)
+
+    def get_request(self) -> tuple[Any, Any]:
+        connection, address = self.socket.accept()
+        wrapped = self.context.wrap_socket(
+            connection, server_side=True, do_handshake_on_connect=False
+        )
+        return wrapped, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("log endpoint: connection from %s failed", client_address, exc_info=True)
+
+
+def _log_handler(agent: NodeAgent) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        # HTTP/1.0: the body ends when the connection closes, which is what a followed
+        # log needs (no length is known up front).
+        protocol_version = "HTTP/1.0"
+        timeout = 30  # seconds for the handshake and any one read or write
+
+        def setup(self) -> None:
+            super().setup()
+            self.connection.do_handshake()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("log endpoint: " + format, *args)
+
+        def _refuse(self, status: int, message: str) -> None:
+            body = (message + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            try:
+                request = parse_log_request(self.path)
+            except BadLogRequest as error:
+                self._refuse(error.status, str(error))
+                return
+            path = agent.log_path(request.namespace, request.pod, request.container)
+            if not path.is_file():
+                self._refuse(
+                    404,
+                    f"no output of container {request.container!r} of pod "
+                    f"{request.namespace}/{request.pod} on this node",
+                )
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.end_headers()
+            try:
+                self._send(request, path)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                pass  # the client went away (kubectl logs -f interrupted)
+
+        def _send(self, request: LogRequest, path: Path) -> None:
+            with path.open("rb") as f:
+                data = select_log(f.read(), request.tail_lines, request.limit_bytes)
+                self.wfile.write(data)
+                self.wfile.flush()
+                budget = None if request.limit_bytes is None else request.limit_bytes - len(data)
+                if not request.follow:
+                    return
+                # Follow: send what is appended until the container has exited and
+                # everything it wrote is sent.
+                while budget is None or budget > 0:
+                    running = agent.container_running(
+                        request.namespace, request.pod, request.container
+                    )
+                    more = f.read(65536 if budget is None else min(budget, 65536))
+                    if more:
+                        self.wfile.write(more)
+                        self.wfile.flush()
+                        if budget is not None:
+                            budget -= len(more)
+                    elif not running:
+                        return
+                    else:
+                        time.sleep(0.2)
+
+    return Handler
+
+
+def container_exit_code(returncode: int) -> int:
+    """A process's return code as a container runtime reports it: 128 + N for signal N."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 class Container:
@@ -103,7 +317,8 @@ class Container:
     def exit_code(self) -> int | None:
         if self.process is None:
             return 127
-        return self.process.poll()
+        code = self.process.poll()
+        return None if code is None else container_exit_code(code)
 
     def signal(self, sig: int) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -132,15 +347,30 @@ class PodRunner(threading.Thread):
 
     # -- status ---------------------------------------------------------------
 
-    def _patch_status(self, status: dict[str, Any]) -> None:
+    def _patch_status(
+        self, status: dict[str, Any], overtaken: Callable[[], bool] | None = None
+    ) -> None:
+        """Write the pod status, retrying while the API server is unreachable.
+
+        ``overtaken`` ends the retrying early once a newer status will be written anyway.
+        """
         body = {"metadata": {"uid": self.uid}, "status": status}
+        what = f"status of {self.namespace}/{self.pod_name} ({status.get('phase')})"
         try:
-            self.agent.core.patch_namespaced_pod_status(
-                self.pod_name, self.namespace, body, _content_type=_SMP
+            self.agent.write(
+                lambda: self.agent.core.patch_namespaced_pod_status(
+                    self.pod_name,
+                    self.namespace,
+                    body,
+                    _content_type=_SMP,
+                    _request_timeout=_REQUEST_TIMEOUT,
+                ),
+                what,
+                give_up=overtaken,
             )
         except ApiException as error:
             if error.status not in (404, 409, 422):
-                log.warning("status of %s/%s: %s", self.namespace, self.pod_name, error.reason)
+                log.warning("%s: %s", what, error.reason)
 
     def _container_status(self, c: Container, state: dict[str, Any], ready: bool) -> dict[str, Any]:
         image = next(
@@ -171,7 +401,11 @@ class PodRunner(threading.Thread):
                     self._container_status(c, {"running": {"startedAt": c.started_at}}, True)
                     for c in self.containers
                 ],
-            }
+            },
+            # Once a container exits or the pod is deleted, a newer status follows.
+            overtaken=lambda: (
+                self.terminate.is_set() or any(c.exit_code() is not None for c in self.containers)
+            ),
         )
 
     def write_terminal_status(self, exit_codes: dict[str, int], message: str = "") -> None:
@@ -247,7 +481,7 @@ class PodRunner(threading.Thread):
             cwd = Path(spec.get("workingDir") or pod_dir)
             if not cwd.is_dir():
                 cwd = pod_dir
-            log_file = self.agent.logs / f"{self.namespace}_{self.pod_name}_{spec['name']}.log"
+            log_file = self.agent.log_path(self.namespace, self.pod_name, spec["name"])
             containers.append(Container(spec["name"], argv, {**base, **env}, cwd, log_file))
         return containers
 
@@ -262,7 +496,12 @@ class PodRunner(threading.Thread):
     def _run(self) -> None:
         prepared = None
         while prepared is None:
-            prepared = self._prepare()
+            try:
+                prepared = self._prepare()
+            except Exception as error:  # reading ConfigMaps, Secrets, a token
+                if not is_transient(error):
+                    raise
+                log.warning("pod %s/%s waits for the API server: %s", *self._id(), error)
             if prepared is None and self.terminate.wait(2.0):
                 self.write_terminal_status({}, "deleted before its containers could start")
                 self.agent.delete_pod(self.namespace, self.pod_name, self.uid)
@@ -310,6 +549,9 @@ class PodRunner(threading.Thread):
         if self.terminate.is_set():
             self.agent.delete_pod(self.namespace, self.pod_name, self.uid)
 
+    def _id(self) -> tuple[str, str]:
+        return self.namespace, self.pod_name
+
     def _kill(self) -> None:
         for c in self.containers:
             c.signal(signal.SIGTERM)
@@ -326,6 +568,7 @@ class NodeAgent:
     """Watches every pod; binds the unscheduled ones and runs the ones bound here."""
 
     def __init__(self, kubeconfig: Path, server: str, ca_cert: Path, workdir: Path):
+        self.log_port = 0  # the container-log endpoint, once it listens
         self.api = config.new_client_from_config(str(kubeconfig))
         self.core = client.CoreV1Api(self.api)
         self.server = server
@@ -428,6 +671,8 @@ class NodeAgent:
                     {"type": "InternalIP", "address": POD_IP},
                     {"type": "Hostname", "address": NODE_NAME},
                 ],
+                # Where the API server sends `kubectl logs` (the kubelet's port).
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_port}},
                 "conditions": [
                     {
                         "type": "Ready",
@@ -465,25 +710,75 @@ class NodeAgent:
         try:
             # The Binding response does not deserialise (client-python#547).
             self.core.create_namespaced_pod_binding(
-                meta["name"], meta["namespace"], body, _preload_content=False
+                meta["name"],
+                meta["namespace"],
+                body,
+                _preload_content=False,
+                _request_timeout=_REQUEST_TIMEOUT,
             )
         except ApiException as error:
             if error.status not in (404, 409):
                 log.warning("bind %s/%s: %s", meta["namespace"], meta["name"], error.reason)
 
-    def delete_pod(self, namespace: str, name: str, uid: str) -> None:
+    def write(
+        self, call: Callable[[], object], what: str, give_up: Callable[[], bool] | None = None
+    ) -> None:
+        """Make one API write, retried while the API server is unreachable.
+
+        Failures that are answers (4xx) are raised; the retrying ends silently when the
+        agent shuts down or ``give_up()`` holds.
+        """
+
+        def failed(failures: int, error: BaseException) -> None:
+            if failures == 1 or failures % 10 == 0:
+                log.warning("%s: attempt %d failed, retrying: %s", what, failures, error)
+
         try:
-            self.core.delete_namespaced_pod(
-                name,
-                namespace,
-                grace_period_seconds=0,
-                body=client.V1DeleteOptions(
-                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid)
+            retry(
+                call,
+                stop=self.stop,
+                give_up=give_up or (lambda: False),
+                on_failure=failed,
+            )
+        except Stopped as stopped:
+            log.info("%s: not written: %s", what, stopped)
+
+    def delete_pod(self, namespace: str, name: str, uid: str) -> None:
+        """``DELETE`` with grace period 0, as the kubelet ends a pod it has terminated."""
+        try:
+            self.write(
+                lambda: self.core.delete_namespaced_pod(
+                    name,
+                    namespace,
+                    grace_period_seconds=0,
+                    body=client.V1DeleteOptions(
+                        grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid)
+                    ),
+                    _request_timeout=_REQUEST_TIMEOUT,
                 ),
+                f"delete {namespace}/{name}",
             )
         except ApiException as error:
             if error.status not in (404, 409):
                 log.warning("delete %s/%s: %s", namespace, name, error.reason)
+
+    def log_path(self, namespace: str, pod: str, container: str) -> Path:
+        """Where a container's output is (one file per container, restarts appended)."""
+        return self.logs / f"{namespace}_{pod}_{container}.log"
+
+    def container_running(self, namespace: str, pod: str, container: str) -> bool:
+        """True while that container's process of a pod on this node is alive."""
+        with self.lock:
+            runners = list(self.runners.values())
+        for runner in runners:
+            if (runner.namespace, runner.pod_name) != (namespace, pod):
+                continue
+            if not runner.containers:  # still being prepared: output is coming
+                return True
+            for c in runner.containers:
+                if c.name == container and c.exit_code() is None:
+                    return True
+        return False
 
     def finished(self, uid: str) -> None:
         with self.lock:
@@ -529,10 +824,19 @@ class NodeAgent:
         runner.start()
 
     def watch_pods(self) -> None:
+        """List every pod, then watch; on any failure list again, with backoff.
+
+        A fresh list after the API server came back catches up with whatever happened
+        while it was away (pods created, bound elsewhere, or marked for deletion).
+        """
+        failures = 0
         while not self.stop.is_set():
             try:
-                response = self.core.list_pod_for_all_namespaces(_preload_content=False)
+                response = self.core.list_pod_for_all_namespaces(
+                    _preload_content=False, _request_timeout=_REQUEST_TIMEOUT
+                )
                 listing = json.loads(response.data)
+                failures = 0
                 for pod in listing["items"]:
                     self.handle("ADDED", pod)
                 version = listing["metadata"]["resourceVersion"]
@@ -540,20 +844,21 @@ class NodeAgent:
                     self.core.list_pod_for_all_namespaces,
                     resource_version=version,
                     timeout_seconds=30,
+                    # Longer than timeout_seconds: only a silent, dead connection hits it.
+                    _request_timeout=60,
                 )
                 for event in stream:
                     if self.stop.is_set():
                         break
                     self.handle(event["type"], event["raw_object"])
-            except ApiException as error:
-                if error.status != 410:
-                    log.warning("pod watch: %s", error.reason)
-                    time.sleep(1)
-            except Exception as error:  # the API server may restart; keep going
+            except Exception as error:  # the API server may be restarting: list again
                 if self.stop.is_set():
                     break
-                log.warning("pod watch: %s", error)
-                time.sleep(1)
+                if isinstance(error, ApiException) and error.status == 410:
+                    continue  # the watch fell behind etcd's history: list again at once
+                failures += 1
+                log.warning("pod watch (failure %d): %s", failures, error)
+                self.stop.wait(WATCH_BACKOFF.delay(failures))
 
     def shutdown(self) -> None:
         """Stop every pod process: SIGTERM, a short grace, then SIGKILL."""
@@ -577,9 +882,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", required=True)
     parser.add_argument("--ca", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--serving-cert", type=Path, required=True)
+    parser.add_argument("--serving-key", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # The agent logs each failed write itself; urllib3's per-connection retries add nothing.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     agent = NodeAgent(args.kubeconfig, args.server, args.ca, args.workdir)
+    logs = LogServer(agent, args.serving_cert, args.serving_key, args.ca)
+    logs.start()
+    agent.log_port = logs.port
 
     def on_signal(signum: int, frame: object) -> None:
         agent.shutdown()

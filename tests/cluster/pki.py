@@ -2,7 +2,10 @@
 
 One CA signs the API server's serving certificate and the admin client certificate
 (group ``system:masters``); a separate RSA key pair signs service-account tokens, so
-TokenRequest works exactly as on a real cluster.
+TokenRequest works exactly as on a real cluster. The same CA signs the node agent's
+serving certificate and the client certificate the API server presents to it when it
+proxies ``kubectl logs`` (as kubeadm does: the API server checks the node's certificate
+with ``--kubelet-certificate-authority``, the node checks the API server's against the CA).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class Pki:
     admin_key: Path
     sa_public: Path
     sa_private: Path
+    kubelet_serving_cert: Path  # the node agent's log endpoint (SAN 127.0.0.1)
+    kubelet_serving_key: Path
+    kubelet_client_cert: Path  # what kube-apiserver presents to the node agent
+    kubelet_client_key: Path
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -122,6 +129,19 @@ def make_pki(directory: Path) -> Pki:
     )
     admin_cert = _cert(admin_name, admin_key.public_key(), ca_name, ca_key)
 
+    kubelet_key = _key()
+    kubelet_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imagebatch-node")])
+    kubelet_cert = _cert(kubelet_name, kubelet_key.public_key(), ca_name, ca_key, server=True)
+
+    to_kubelet_key = _key()
+    to_kubelet_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver-kubelet-client"),
+        ]
+    )
+    to_kubelet_cert = _cert(to_kubelet_name, to_kubelet_key.public_key(), ca_name, ca_key)
+
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = serialization.Encoding.PEM
     return Pki(
@@ -136,6 +156,14 @@ def make_pki(directory: Path) -> Pki:
             sa_key.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo),
         ),
         sa_private=_write(directory / "sa.key", _pem_key(sa_key)),
+        kubelet_serving_cert=_write(directory / "kubelet.crt", kubelet_cert.public_bytes(pem)),
+        kubelet_serving_key=_write(directory / "kubelet.key", _pem_key(kubelet_key)),
+        kubelet_client_cert=_write(
+            directory / "apiserver-kubelet-client.crt", to_kubelet_cert.public_bytes(pem)
+        ),
+        kubelet_client_key=_write(
+            directory / "apiserver-kubelet-client.key", _pem_key(to_kubelet_key)
+        ),
     )
 
 

@@ -9,6 +9,11 @@ TTL-after-finished, service-account and root-CA-publisher controllers.
 ``LocalCluster`` is a context manager: leaving it stops every process (SIGTERM, then
 SIGKILL) and removes the folder, whether the block succeeded or raised. Each child also
 gets ``PR_SET_PDEATHSIG`` so it dies with the process that started it.
+
+For fault drills, etcd, kube-apiserver, kube-controller-manager and MinIO can each be
+stopped and started again (``stop_server``, ``start_server``, ``restart_server``, or
+``server_down`` for a block of time) with the same port, data directory, flags and
+environment as at first, and the start waits until the server is ready again.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -76,6 +82,21 @@ class MinioServer:
         )
 
 
+@dataclass(frozen=True)
+class ServerCommand:
+    """How a server was started, so that it can be started again exactly so."""
+
+    argv: list[str]
+    env: dict[str, str]
+    ready: Callable[[], bool]
+    timeout: float
+
+
+# The servers a test may stop and start again (the node agent is not one: stopping it
+# ends every pod process without a status, which no real node failure looks like).
+RESTARTABLE = ("etcd", "kube-apiserver", "kube-controller-manager", "minio")
+
+
 @dataclass
 class LocalCluster:
     """The whole local stack. Use as ``with LocalCluster() as cluster: ...``."""
@@ -84,6 +105,7 @@ class LocalCluster:
     kubernetes: bool = True  # False: MinIO alone, for tests that need no control plane
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="imagebatch-")))
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    commands: dict[str, ServerCommand] = field(default_factory=dict)
     server: str = ""
     kubeconfig: Path = Path()
     minio: MinioServer | None = None
@@ -93,6 +115,7 @@ class LocalCluster:
     # -- processes ------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        """Start ``name``; a server started again takes its old place in ``processes``."""
         log = (self.workdir / "logs" / f"{name}.log").open("ab")
         process = subprocess.Popen(
             argv,
@@ -104,7 +127,24 @@ class LocalCluster:
             preexec_fn=die_with_parent,
         )
         log.close()
+        for i, (existing, _) in enumerate(self.processes):
+            if existing == name:
+                self.processes[i] = (name, process)
+                return
         self.processes.append((name, process))
+
+    def _serve(
+        self,
+        name: str,
+        argv: list[str],
+        ready: Callable[[], bool],
+        env: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        """Start a server, remember how, and wait until ``ready``."""
+        self.commands[name] = ServerCommand(argv, dict(env or {}), ready, timeout)
+        self._spawn(name, argv, env)
+        self._wait(name, ready, timeout)
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.workdir / "logs" / f"{name}.log"
@@ -131,7 +171,7 @@ class LocalCluster:
     def _start_etcd(self) -> str:
         port, peer = free_port(), free_port()
         url = f"http://127.0.0.1:{port}"
-        self._spawn(
+        self._serve(
             "etcd",
             [
                 str(self.binaries["etcd"]),
@@ -151,14 +191,21 @@ class LocalCluster:
                 "--log-level",
                 "warn",
             ],
+            lambda: requests.get(f"{url}/health", timeout=1).ok,
         )
-        self._wait("etcd", lambda: requests.get(f"{url}/health", timeout=1).ok)
         return url
 
     def _start_apiserver(self, etcd: str, keys: pki.Pki) -> None:
         port = free_port()
         self.server = f"https://127.0.0.1:{port}"
-        self._spawn(
+        cert = (str(keys.admin_cert), str(keys.admin_key))
+
+        def ready() -> bool:
+            return requests.get(
+                f"{self.server}/readyz", cert=cert, verify=str(keys.ca_cert), timeout=2
+            ).ok
+
+        self._serve(
             "kube-apiserver",
             [
                 str(self.binaries["kube-apiserver"]),
@@ -189,24 +236,29 @@ class LocalCluster:
                 str(keys.sa_public),
                 "--service-account-signing-key-file",
                 str(keys.sa_private),
+                # `kubectl logs` is proxied to the node agent's log endpoint: at the
+                # node's InternalIP (its Hostname does not resolve), with a client
+                # certificate, checking the agent's serving certificate against the CA.
+                "--kubelet-preferred-address-types",
+                "InternalIP",
+                "--kubelet-client-certificate",
+                str(keys.kubelet_client_cert),
+                "--kubelet-client-key",
+                str(keys.kubelet_client_key),
+                "--kubelet-certificate-authority",
+                str(keys.ca_cert),
                 "--v",
                 "1",
             ],
+            ready,
+            timeout=90,
         )
-        cert = (str(keys.admin_cert), str(keys.admin_key))
-
-        def ready() -> bool:
-            return requests.get(
-                f"{self.server}/readyz", cert=cert, verify=str(keys.ca_cert), timeout=2
-            ).ok
-
-        self._wait("kube-apiserver", ready, timeout=90)
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         self.kubeconfig.write_text(pki.admin_kubeconfig(self.server, keys))
         self.kubeconfig.chmod(0o600)
 
     def _start_controller_manager(self, keys: pki.Pki) -> None:
-        self._spawn(
+        self._serve(
             "kube-controller-manager",
             [
                 str(self.binaries["kube-controller-manager"]),
@@ -223,14 +275,16 @@ class LocalCluster:
                 "--v",
                 "1",
             ],
+            # Ready once the service-account controller has made the default account
+            # (on a restart it is there already: the process only has to stay up).
+            lambda: self.kubectl_ok("get", "sa", "default"),
         )
-        # Ready once the service-account controller has made the default account.
-        self._wait("kube-controller-manager", lambda: self.kubectl_ok("get", "sa", "default"))
 
     def _start_minio(self) -> None:
         port = free_port()
         self.minio = MinioServer(f"127.0.0.1:{port}", "imagebatch", secrets.token_hex(16))
-        self._spawn(
+        url = self.minio.url
+        self._serve(
             "minio",
             [
                 str(self.binaries["minio"]),
@@ -242,6 +296,7 @@ class LocalCluster:
                 f"127.0.0.1:{free_port()}",
                 "--quiet",
             ],
+            lambda: requests.get(f"{url}/minio/health/ready", timeout=1).ok,
             env={
                 "MINIO_ROOT_USER": self.minio.access_key,
                 "MINIO_ROOT_PASSWORD": self.minio.secret_key,
@@ -249,8 +304,6 @@ class LocalCluster:
                 "MINIO_UPDATE": "off",
             },
         )
-        url = self.minio.url
-        self._wait("minio", lambda: requests.get(f"{url}/minio/health/ready", timeout=1).ok)
 
     def _start_node_agent(self, keys: pki.Pki) -> None:
         agent_dir = self.workdir / "node"
@@ -269,6 +322,10 @@ class LocalCluster:
                 str(keys.ca_cert),
                 "--workdir",
                 str(agent_dir),
+                "--serving-cert",
+                str(keys.kubelet_serving_cert),
+                "--serving-key",
+                str(keys.kubelet_serving_key),
             ],
             env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         )
@@ -322,6 +379,62 @@ class LocalCluster:
             ).returncode
             == 0
         )
+
+    # -- faults ---------------------------------------------------------------
+
+    def _process(self, name: str) -> subprocess.Popen[bytes]:
+        if name not in self.commands or name not in RESTARTABLE:
+            raise KeyError(f"{name!r} is not a server that can be restarted: {RESTARTABLE}")
+        return dict(self.processes)[name]
+
+    def is_running(self, name: str) -> bool:
+        return self._process(name).poll() is None
+
+    def stop_server(self, name: str, *, kill: bool = False, grace: float = 5.0) -> None:
+        """Stop one server (SIGTERM, or SIGKILL when ``kill``) and wait until it is gone.
+
+        After SIGTERM a server gets ``grace`` seconds, then SIGKILL: kube-apiserver stops
+        listening at once but its process lingers for half a minute on open watches.
+        Its entry stays in ``processes`` (exited), so ``stop()`` still accounts for it.
+        """
+        process = self._process(name)
+        if process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def start_server(self, name: str) -> None:
+        """Start a stopped server again, exactly as at first, and wait until it is ready.
+
+        Call it from a thread that outlives the server (the test's own): the child is
+        told to die with the thread that started it (``PR_SET_PDEATHSIG``).
+        """
+        if self.is_running(name):
+            raise RuntimeError(f"{name} is still running")
+        command = self.commands[name]
+        self._spawn(name, command.argv, command.env)
+        self._wait(name, command.ready, command.timeout)
+
+    def restart_server(self, name: str, *, kill: bool = False) -> None:
+        """Stop a server and start it again on the same port, data and flags."""
+        self.stop_server(name, kill=kill)
+        self.start_server(name)
+
+    @contextmanager
+    def server_down(self, name: str, *, kill: bool = False) -> Iterator[None]:
+        """The server is stopped for the block and running again (and ready) after it."""
+        self.stop_server(name, kill=kill)
+        try:
+            yield
+        finally:
+            self.start_server(name)
 
     def start(self) -> LocalCluster:
         started = time.monotonic()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tests.support.servers import ImageServer, WebhookReceiver, photo
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "imagebatches.imagebatch.dev.yaml"
 OUTPUT_BUCKET = "imagebatch"
+WEBHOOK_SCHEDULE = "0,1,2,3,5,8,10,10,10,10,10,10"
 
 
 def public_base(cluster: LocalCluster) -> str:
@@ -67,15 +69,23 @@ class OperatorProcess:
             "IMAGEBATCH_PUBLIC_URL": public_base(cluster),
             # The sample servers live on loopback; a real install allows nothing here.
             "IMAGEBATCH_ALLOW_NETS": "127.0.0.0/8",
+            "IMAGEBATCH_WEBHOOK_ALLOW_NETS": "127.0.0.0/8",
             "IMAGEBATCH_WORKER_IMAGE": "imagebatch:e2e",
-            "IMAGEBATCH_WEBHOOK_BACKOFF_SECONDS": "0.2",
-            "IMAGEBATCH_POLL_SECONDS": "0.5",
+            # Webhook retries: the delays in seconds before each attempt, shortened from
+            # the default (about a day and a half) so a receiver's outage fits in a test.
+            "IMAGEBATCH_WEBHOOK_SCHEDULE": WEBHOOK_SCHEDULE,
+            # Many batches share a test namespace now and then; caps are tested on their own.
+            "IMAGEBATCH_MAX_RUNNING_PER_NAMESPACE": "1000",
         }
         self.process: subprocess.Popen[bytes] | None = None
+        self.metrics_port = 0
 
     def start(self) -> None:
         port = free_port()
         self.env["IMAGEBATCH_LIVENESS_ENDPOINT"] = f"http://127.0.0.1:{port}/healthz"
+        self.metrics_port = free_port()
+        self.env["IMAGEBATCH_METRICS_PORT"] = str(self.metrics_port)
+        self.env["IMAGEBATCH_METRICS_ADDRESS"] = "127.0.0.1"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [str(Path(sys.executable).parent / "imagebatch-operator")],
@@ -100,8 +110,40 @@ class OperatorProcess:
         self.stop(kill=kill)
         self.start()
 
+    def kill_now(self) -> None:
+        """SIGKILL the operator without waiting: safe from any thread (a server's hook).
+
+        Start it again with ``restart()`` from the test's own thread: a child dies with
+        the thread that started it.
+        """
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    @contextmanager
+    def configured(self, **env: str) -> Iterator[OperatorProcess]:
+        """The operator restarted with ``env`` added for the block, and as before after it."""
+        saved = {name: self.env.get(name) for name in env}
+        self.env.update(env)
+        self.restart(kill=False)
+        try:
+            yield self
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    self.env.pop(name, None)
+                else:
+                    self.env[name] = value
+            self.restart(kill=False)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
 
 @pytest.fixture(scope="session")

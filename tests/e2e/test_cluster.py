@@ -6,7 +6,10 @@ MinIO, and the node agent running pods as processes. Nothing here is mocked.
 
 from __future__ import annotations
 
+import io
 import json
+import socket
+import subprocess
 import textwrap
 import time
 import uuid
@@ -329,3 +332,143 @@ def test_restart_policy_on_failure_restarts_the_container(
     assert status["phase"] == "Succeeded"
     assert status["containerStatuses"][0]["restartCount"] == 1
     assert sorted(objects(cluster, bucket, "indexes/")) == ["indexes/0.txt"]
+
+
+def test_kubectl_logs_shows_a_pods_output(cluster: LocalCluster, namespace: str) -> None:
+    # The API server proxies `kubectl logs` to the node agent's container-log endpoint
+    # (HTTPS both ways, certificates from the cluster's CA), as it would to a kubelet.
+    script = textwrap.dedent(
+        """
+        import time
+        for i in range(3):
+            print(f"line {i}", flush=True)
+        time.sleep(2)
+        print("last line", flush=True)
+        """
+    )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "talker"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "x", "command": ["python", "-c", script]}],
+        },
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(pod))
+    # A client that connects to the node's log port and never speaks TLS (a port probe
+    # from another program) must not hold up anyone else's logs.
+    port = cluster.kubectl(
+        "get", "node", "imagebatch-node",
+        "-o", "jsonpath={.status.daemonEndpoints.kubeletEndpoint.Port}",
+    )  # fmt: skip
+    silent = socket.create_connection(("127.0.0.1", int(port)))
+    cluster.wait_for(
+        lambda: "line 2" in cluster.kubectl("logs", "talker", "-n", namespace, check=False),
+        "the first lines in kubectl logs",
+    )
+    silent.close()
+    # Followed while running: kubectl returns once the container has exited, with
+    # everything it wrote.
+    followed = cluster.kubectl("logs", "-f", "talker", "-n", namespace)
+    assert followed == "line 0\nline 1\nline 2\nlast line\n"
+    assert cluster.kubectl("logs", "talker", "-n", namespace, "--tail=2") == ("line 2\nlast line\n")
+    assert cluster.kubectl("logs", "talker", "-n", namespace, "--limit-bytes=8") == "line 0\nl"
+    assert cluster.kubectl("logs", "pod/talker", "-c", "main", "-n", namespace).startswith(
+        "line 0\n"
+    )
+    kubectl = [str(cluster.binaries["kubectl"]), "--kubeconfig", str(cluster.kubeconfig)]
+    missing = subprocess.run(
+        [*kubectl, "logs", "talker", "-c", "nope", "-n", namespace],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert missing.returncode != 0
+    assert "container nope is not valid for pod talker" in missing.stderr
+
+
+def sleeper_job(name: str, seconds: float) -> dict[str, Any]:
+    """A one-pod Job whose process sleeps ``seconds`` and exits 0."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "x",
+                            "command": ["python", "-c", f"import time; time.sleep({seconds})"],
+                        }
+                    ],
+                }
+            },
+        },
+    }
+
+
+def pod_phase(cluster: LocalCluster, namespace: str, job: str) -> str:
+    return cluster.kubectl(
+        "get", "pods", "-n", namespace, "-l", f"job-name={job}", "-o", "jsonpath={..phase}"
+    )
+
+
+@pytest.mark.faults
+def test_a_pod_that_exits_while_the_api_server_is_down_still_completes_its_job(
+    cluster: LocalCluster, namespace: str
+) -> None:
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(sleeper_job("outage", 4))
+    )
+    cluster.wait_for(lambda: pod_phase(cluster, namespace, "outage") == "Running", "pod running")
+    port = cluster.server
+    with cluster.server_down("kube-apiserver"):
+        assert not cluster.kubectl_ok("get", "ns", "--request-timeout=2s")
+        time.sleep(10)  # the pod exits in here: its final status must not be lost
+    assert cluster.server == port  # same address: clients reconnect as they were
+    job = wait_job(cluster, namespace, "outage", timeout=90)
+    conditions = {c["type"]: c["status"] for c in job["status"]["conditions"]}
+    assert conditions.get("Complete") == "True", job["status"]
+    assert pod_phase(cluster, namespace, "outage") == "Succeeded"
+    # The agent's pod watch came back too: a new pod is bound and run.
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(sleeper_job("after", 0))
+    )
+    assert "Complete" in {
+        c["type"] for c in wait_job(cluster, namespace, "after")["status"]["conditions"]
+    }
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("server", ["minio", "etcd", "kube-controller-manager"])
+def test_a_restarted_server_keeps_its_port_and_data(
+    cluster: LocalCluster, namespace: str, bucket: str, server: str
+) -> None:
+    assert cluster.minio is not None
+    storage = cluster.minio.client()
+    storage.put_object(bucket, "kept.txt", io.BytesIO(b"kept"), 4)
+    cluster.kubectl("create", "configmap", "kept", "-n", namespace, "--from-literal=k=v")
+    before = [p.pid for name, p in cluster.processes if name == server]
+    cluster.restart_server(server)
+    after = [p.pid for name, p in cluster.processes if name == server]
+    assert len(after) == 1 and after != before  # a new process, in the old one's place
+    assert len(cluster.processes) == len({name for name, _ in cluster.processes})
+    response = storage.get_object(bucket, "kept.txt")
+    assert response.read() == b"kept"
+    response.close()
+    assert (
+        cluster.kubectl("get", "configmap", "kept", "-n", namespace, "-o", "jsonpath={.data.k}")
+        == "v"
+    )
+    # The controllers still act: a Job runs to completion.
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(sleeper_job("j", 0)))
+    assert "Complete" in {
+        c["type"] for c in wait_job(cluster, namespace, "j")["status"]["conditions"]
+    }

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from imagebatch_common.storage import StorageSettings
+from imagebatch_common.storage_settings import StorageSettings
 from imagebatch_operator.csvinput import CsvLimits
 from imagebatch_operator.fetching import csv_url_opener
 from imagebatch_operator.settings import Settings

@@ -37,7 +37,8 @@ from imagebatch_common.contract import (
     shard_manifest_key,
 )
 from imagebatch_common.envread import parse_networks
-from imagebatch_common.storage import Storage, StorageSettings
+from imagebatch_common.storage import Storage
+from imagebatch_common.storage_settings import StorageSettings
 from imagebatch_worker.logs import JsonLog
 from imagebatch_worker.runner import ShardLocation, ShardRunner
 from imagebatch_worker.settings import WorkerSettings

@@ -22,10 +22,10 @@ from imagebatch_common import httpconn
 from imagebatch_common.storage import (
     ObjectNotFound,
     Storage,
-    StorageSettings,
     StorageUnavailable,
     _S3Requests,
 )
+from imagebatch_common.storage_settings import StorageSettings
 from tests.cluster.stack import MinioServer, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from imagebatch_common.storage import StorageSettings
+from imagebatch_common.contract import WorkerEnv
+from imagebatch_common.storage_settings import StorageSettings
 from imagebatch_operator import plan
 from imagebatch_operator.settings import Settings
 from tests.cluster import build
@@ -128,7 +129,16 @@ def variables_read_by_the_operator() -> set[str]:
         (ROOT / "operator" / "imagebatch_operator" / "main.py").read_text(),
         inspect.getsource(StorageSettings.from_env),
     ]
-    return {m for text in sources for m in re.findall(r'"((?:IMAGEBATCH|MINIO)_[A-Z_]+)"', text)}
+    names = {m for text in sources for m in re.findall(r'"((?:IMAGEBATCH|MINIO)_[A-Z_]+)"', text)}
+    # The storage reader names its variables through the contract's WorkerEnv. The
+    # session token is for temporary credentials, which the operator's own never are.
+    names |= {
+        WorkerEnv[m].value
+        for text in sources
+        for m in re.findall(r"Env\.([A-Z_]+)", text)
+        if m != "STORAGE_SESSION_TOKEN"
+    }
+    return names
 
 
 def test_deployment_sets_every_variable_the_operator_reads_and_no_other(helm: Path) -> None:
@@ -159,8 +169,19 @@ def test_the_operator_reads_back_what_the_values_say(helm: Path) -> None:
             "maxImageBytes": 99_000_000,
             "maxImagePixels": 120_000_000,
         },
-        "webhook": {"attempts": 3, "backoffSeconds": 0.25},
-        "pollSeconds": 2.5,
+        "webhook": {"schedule": [0, 30, 600], "timeoutSeconds": 4.5},
+        "concurrency": {"workers": 3, "heavyWorkers": 1},
+        "resyncSeconds": 120,
+        "extraBuckets": ["archive", "staging"],
+        "workerCredentials": {
+            "mode": "static",
+            "stsEndpoint": "https://sts.example.com",
+            "roleArn": "arn:aws:iam::1:role/w",
+            "seconds": 7200,
+            "renewSeconds": 600,
+        },
+        "webhookAllowNets": ["10.30.0.0/16"],
+        "denyEndpoints": ["vault.vault.svc:8200"],
         "minStatusWriteSeconds": 4,
     }
     env = {**plain_env(render(helm, values)), "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "s"}
@@ -180,8 +201,19 @@ def test_the_operator_reads_back_what_the_values_say(helm: Path) -> None:
     assert settings.csv_limits.max_urls_per_row == 7
     assert settings.max_image_bytes == 99_000_000
     assert settings.max_image_pixels == 120_000_000
-    assert settings.webhook_attempts == 3 and settings.webhook_backoff_seconds == 0.25
-    assert settings.poll_seconds == 2.5
+    assert settings.webhook_schedule == (0.0, 30.0, 600.0)
+    assert settings.webhook_timeout_seconds == 4.5
+    assert (settings.workers, settings.heavy_workers) == (3, 1)
+    assert settings.resync_seconds == 120
+    assert settings.allowed_buckets == ("catalog", "archive", "staging")
+    assert settings.worker_credentials == "static"
+    assert (settings.sts_endpoint, settings.sts_role_arn) == (
+        "https://sts.example.com",
+        "arn:aws:iam::1:role/w",
+    )
+    assert (settings.credential_seconds, settings.credential_renew_seconds) == (7200, 600)
+    assert settings.webhook_allow_nets == "10.30.0.0/16"
+    assert settings.deny_endpoints == "vault.vault.svc:8200"
     assert settings.min_write_seconds == 4
 
 
@@ -202,9 +234,23 @@ def test_defaults_give_the_operators_own_defaults(helm: Path) -> None:
         "allow_nets",
         "max_image_bytes",
         "max_image_pixels",
-        "webhook_attempts",
-        "webhook_backoff_seconds",
-        "poll_seconds",
+        "max_images",
+        "max_shards",
+        "max_parallelism",
+        "max_running_per_namespace",
+        "extra_buckets",
+        "worker_credentials",
+        "sts_endpoint",
+        "sts_role_arn",
+        "credential_seconds",
+        "credential_renew_seconds",
+        "webhook_allow_nets",
+        "deny_endpoints",
+        "webhook_schedule",
+        "webhook_timeout_seconds",
+        "workers",
+        "heavy_workers",
+        "resync_seconds",
         "min_write_seconds",
     ):
         assert getattr(from_chart, name) == getattr(built_in, name), name
@@ -265,7 +311,7 @@ def test_missing_required_values_say_what_to_set(
             "additional properties 'gpu' not allowed",
             id="nested",
         ),
-        pytest.param({"pollSeconds": "fast"}, "want number", id="string-for-number"),
+        pytest.param({"resyncSeconds": "fast"}, "want number", id="string-for-number"),
         pytest.param({"limits": {"maxRows": 1.5}}, "want integer", id="float-for-integer"),
         pytest.param({"allowNets": "10.0.0.0/8"}, "want array", id="string-for-list"),
         pytest.param({"allowNets": ["everything"]}, "does not match pattern", id="not-a-cidr"),
@@ -396,7 +442,10 @@ def test_deployment_shape(helm: Path) -> None:
     c = container(render(helm))
     assert c["command"] == ["imagebatch-operator"]
     assert "args" not in c
-    assert c["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["ports"] == [
+        {"name": "health", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 8081, "protocol": "TCP"},
+    ]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     env = plain_env(render(helm))
     assert env["IMAGEBATCH_LIVENESS_ENDPOINT"] == "http://0.0.0.0:8080/healthz"
@@ -432,7 +481,7 @@ def test_pod_meets_the_restricted_pod_security_standard(helm: Path) -> None:
         "capabilities": {"drop": ["ALL"]},
     }
     assert c["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
-    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
     assert "hostNetwork" not in pod and "hostPID" not in pod
     assert all("hostPort" not in p for p in c["ports"])
 
@@ -458,14 +507,70 @@ def test_pod_extras_pass_through(helm: Path) -> None:
     assert template["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
 
 
+def services(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Services by what they front: the part of the name after the release's name."""
+    return {o["metadata"]["name"].rsplit("-", 1)[-1]: o for o in objects if o["kind"] == "Service"}
+
+
 def test_health_service_is_optional_and_targets_the_health_port(helm: Path) -> None:
-    assert not [o for o in render(helm) if o["kind"] == "Service"]
-    service = one(render(helm, {"healthService": {"enabled": True, "port": 80}}), "Service")
+    assert "health" not in services(render(helm))
+    service = services(render(helm, {"healthService": {"enabled": True, "port": 80}}))["health"]
     assert service["spec"]["ports"] == [
         {"name": "health", "port": 80, "targetPort": "health", "protocol": "TCP"}
     ]
     labels = one(render(helm), "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_metrics_have_a_port_a_service_and_an_optional_service_monitor(helm: Path) -> None:
+    objects = render(helm)
+    ports = {p["name"]: p["containerPort"] for p in container(objects)["ports"]}
+    assert ports["metrics"] == 8081
+    assert plain_env(objects)["IMAGEBATCH_METRICS_PORT"] == "8081"
+    service = services(objects)["metrics"]
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    assert not [o for o in objects if o["kind"] == "ServiceMonitor"]
+    monitored = render(
+        helm, {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
+    )
+    monitor = one(monitored, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        services(monitored)["metrics"]["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    off = render(helm, {"metrics": {"enabled": False}})
+    assert plain_env(off)["IMAGEBATCH_METRICS_PORT"] == "0"
+    assert "metrics" not in services(off)
+    assert "metrics" not in {p["name"] for p in container(off)["ports"]}
+
+
+def test_the_dashboard_charts_only_metrics_the_operator_exports() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from imagebatch_operator.metrics import Metrics
+
+    exported = set()
+    metrics = Metrics()
+    metrics.watch_batches(lambda: {})
+    metrics.watch_queue(lambda: 0, lambda: 0, lambda: 0)
+    from prometheus_client import generate_latest
+
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        exported |= {sample.name for sample in family.samples} | {family.name}
+        if family.type == "counter":  # a counter with no series yet still has its name
+            exported.add(f"{family.name}_total")
+    dashboard = json.loads((CHART / "dashboards" / "imagebatch.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bimagebatch_[a-z_]+", target["expr"])
+    }
+    assert used and used <= exported, used - exported
+    assert {"imagebatch_batches", "imagebatch_images_total"} <= used
 
 
 # -- RBAC -------------------------------------------------------------------------------
@@ -489,7 +594,7 @@ NAMESPACED_RULES = [
     {
         "apiGroups": ["batch"],
         "resources": ["jobs"],
-        "verbs": ["get", "list", "create", "patch", "delete"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
@@ -503,8 +608,11 @@ CRD_WATCH = {
 NAMESPACE_WATCH = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
 
 
+OPERATOR_ONLY = {"rbac": {"userRoles": False}}  # the operator's own rules, without the users'
+
+
 def test_watching_every_namespace_binds_one_cluster_role(helm: Path) -> None:
-    objects = render(helm)
+    objects = render(helm, OPERATOR_ONLY)
     role = one(objects, "ClusterRole")
     assert role["rules"] == [*NAMESPACED_RULES, CRD_WATCH]
     binding = one(objects, "ClusterRoleBinding")
@@ -516,7 +624,7 @@ def test_watching_every_namespace_binds_one_cluster_role(helm: Path) -> None:
 
 
 def test_watching_some_namespaces_binds_a_role_in_each(helm: Path) -> None:
-    objects = render(helm, {"watchNamespaces": ["team-a", "team-b"]})
+    objects = render(helm, {**OPERATOR_ONLY, "watchNamespaces": ["team-a", "team-b"]})
     roles = [o for o in objects if o["kind"] == "Role"]
     bindings = [o for o in objects if o["kind"] == "RoleBinding"]
     assert [r["metadata"]["namespace"] for r in roles] == ["team-a", "team-b"]
@@ -540,15 +648,43 @@ def test_rbac_and_service_account_can_be_left_to_the_administrator(helm: Path) -
     objects = render(
         helm, {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops"}}
     )
-    assert sorted(o["kind"] for o in objects) == ["Deployment"]
+    # What is left: the Deployment, the metrics Service and the users' aggregated roles.
+    assert sorted(o["kind"] for o in objects) == [
+        "ClusterRole",
+        "ClusterRole",
+        "Deployment",
+        "Service",
+    ]
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
 
 
 def test_names_follow_release_and_overrides(helm: Path) -> None:
     objects = render(helm, {"fullnameOverride": "batches"})
-    assert {o["metadata"]["name"] for o in objects} == {"batches"}
+    assert {o["metadata"]["name"] for o in objects} == {
+        "batches",
+        "batches-metrics",
+        "batches-edit",
+        "batches-view",
+    }
     for o in objects:
         labels = o["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "imagebatch"
         assert labels["app.kubernetes.io/instance"] == "ib"
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def test_users_get_roles_aggregated_into_the_built_in_ones(helm: Path) -> None:
+    roles = {
+        o["metadata"]["name"].rsplit("-", 1)[-1]: o
+        for o in render(helm)
+        if o["kind"] == "ClusterRole" and o["metadata"]["name"].endswith(("-edit", "-view"))
+    }
+    edit, view = roles["edit"], roles["view"]
+    labels = edit["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert "create" in edit["rules"][0]["verbs"] and "delete" in edit["rules"][0]["verbs"]
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert view["rules"][0]["verbs"] == ["get", "list", "watch"]
+    off = render(helm, {"rbac": {"userRoles": False}})
+    assert not [o for o in off if o["metadata"]["name"].endswith(("-edit", "-view"))]

@@ -1,12 +1,20 @@
-"""The local cluster toolkit's pure parts: replace-line generation and kubelet-style env."""
+"""The local cluster toolkit's pure parts: replace-line generation, kubelet-style env and
+exit codes, the retrying that carries the node agent through an API server outage, and
+the container-log endpoint."""
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+import urllib3
+from kubernetes.client.rest import ApiException
 
-from tests.cluster import build, node_agent, podenv
+from tests.cluster import build, node_agent, podenv, retry
 
 KUBERNETES_GO_MOD = """
 module k8s.io/kubernetes
@@ -248,3 +256,190 @@ def test_terminal_phase_needs_every_container_to_exit_zero(
     codes: dict[str, int], phase: str
 ) -> None:
     assert node_agent.terminal_phase(codes) == phase
+
+
+def test_the_kstatus_tool_pins_the_library_version_the_build_names() -> None:
+    go_mod = (build.REPO_ROOT / "tests" / "kstatus" / "go.mod").read_text()
+    assert f"sigs.k8s.io/cli-utils {build.CLI_UTILS_VERSION}\n" in go_mod
+
+
+def test_a_tool_built_from_this_repository_is_cached_by_version_and_content(
+    tmp_path: Any,
+) -> None:
+    (tmp_path / "main.go").write_text("package main\n")
+    first = build.source_digest(tmp_path)
+    assert build.source_digest(tmp_path) == first
+    (tmp_path / "main.go").write_text("package main // edited\n")
+    assert build.source_digest(tmp_path) != first
+    kstatus = next(b for b in build.BINARIES if b.name == "kstatus")
+    assert kstatus.cache_name.startswith(f"kstatus-{build.CLI_UTILS_VERSION}-")
+
+
+_LOGS = "/containerLogs/ns/pod-1/worker"
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        pytest.param(_LOGS, node_agent.LogRequest("ns", "pod-1", "worker"), id="plain"),
+        pytest.param(
+            f"{_LOGS}?follow=true&tailLines=10&limitBytes=500&timestamps=true",
+            node_agent.LogRequest("ns", "pod-1", "worker", True, 10, 500),
+            id="kubectl logs -f --tail=10 --limit-bytes=500",
+        ),
+        pytest.param(
+            f"{_LOGS}?follow=false", node_agent.LogRequest("ns", "pod-1", "worker"), id="no follow"
+        ),
+    ],
+)
+def test_log_requests_are_read_as_the_kubelet_reads_them(
+    target: str, expected: node_agent.LogRequest
+) -> None:
+    assert node_agent.parse_log_request(target) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "message"),
+    [
+        pytest.param("/containerLogs/ns/pod", 404, "not found", id="no container"),
+        pytest.param("/stats/summary", 404, "not found", id="another kubelet path"),
+        pytest.param(f"{_LOGS}?tailLines=x", 400, "tailLines must be an integer", id="tail"),
+        pytest.param(f"{_LOGS}?limitBytes=-1", 400, "must not be negative", id="negative"),
+        pytest.param(f"{_LOGS}?previous=true", 400, "previous container logs", id="previous"),
+    ],
+)
+def test_log_requests_the_agent_cannot_answer_say_why(
+    target: str, status: int, message: str
+) -> None:
+    with pytest.raises(node_agent.BadLogRequest, match=message) as raised:
+        node_agent.parse_log_request(target)
+    assert raised.value.status == status
+
+
+@pytest.mark.parametrize(
+    ("tail", "limit", "expected"),
+    [
+        (None, None, b"a\nb\nc\n"),
+        (2, None, b"b\nc\n"),
+        (0, None, b""),
+        (10, None, b"a\nb\nc\n"),
+        (None, 3, b"a\nb"),
+        (2, 3, b"b\nc"),
+    ],
+)
+def test_tail_lines_then_limit_bytes(tail: int | None, limit: int | None, expected: bytes) -> None:
+    assert node_agent.select_log(b"a\nb\nc\n", tail, limit) == expected
+
+
+@pytest.mark.parametrize(
+    ("returncode", "exit_code"),
+    [(0, 0), (3, 3), (-signal.SIGKILL, 137), (-signal.SIGTERM, 143)],
+    ids=["ok", "error", "sigkill", "sigterm"],
+)
+def test_a_signalled_container_exits_128_plus_the_signal(returncode: int, exit_code: int) -> None:
+    assert node_agent.container_exit_code(returncode) == exit_code
+
+
+@pytest.mark.parametrize(
+    ("failures", "seconds"),
+    [(0, 0.0), (1, 0.2), (2, 0.4), (3, 0.8), (5, 3.2), (6, 5.0), (50, 5.0)],
+)
+def test_backoff_doubles_up_to_its_cap(failures: int, seconds: float) -> None:
+    assert retry.Backoff(initial=0.2, factor=2.0, cap=5.0).delay(failures) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (ApiException(status=503, reason="Service Unavailable"), True),
+        (ApiException(status=500, reason="Internal Server Error"), True),
+        (ApiException(status=429, reason="Too Many Requests"), True),
+        (ApiException(status=0, reason="no answer"), True),
+        (ApiException(status=404, reason="Not Found"), False),
+        (ApiException(status=409, reason="Conflict"), False),
+        (ApiException(status=422, reason="Invalid"), False),
+        (ApiException(status=403, reason="Forbidden"), False),
+        (
+            urllib3.exceptions.MaxRetryError(
+                urllib3.HTTPConnectionPool("127.0.0.1"), "/api", ConnectionRefusedError()
+            ),
+            True,
+        ),
+        (urllib3.exceptions.ProtocolError("Connection aborted"), True),
+        (ConnectionRefusedError(), True),
+        (TimeoutError(), True),
+        (ValueError("a defect"), False),
+        (KeyError("metadata"), False),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
+)
+def test_only_failures_without_an_answer_or_5xx_429_are_retried(
+    error: BaseException, transient: bool
+) -> None:
+    assert retry.is_transient(error) is transient
+
+
+FAST = retry.Backoff(initial=0.001, factor=1.0, cap=0.001)
+
+
+def flaky(failures: list[BaseException], result: str = "written") -> Callable[[], str]:
+    """A call that raises each of ``failures`` in turn, then returns ``result``."""
+    pending = list(failures)
+
+    def call() -> str:
+        if pending:
+            raise pending.pop(0)
+        return result
+
+    return call
+
+
+def test_retry_outlasts_an_outage_of_any_length() -> None:
+    down = [ConnectionRefusedError()] * 40 + [ApiException(status=503)] * 10
+    seen: list[int] = []
+    result = retry.retry(
+        flaky(down),
+        stop=threading.Event(),
+        backoff=FAST,
+        on_failure=lambda n, _: seen.append(n),
+    )
+    assert result == "written"
+    assert seen == list(range(1, 51))
+
+
+def test_retry_raises_an_answer_at_once() -> None:
+    calls: list[int] = []
+
+    def call() -> str:
+        calls.append(1)
+        raise ApiException(status=404, reason="Not Found")
+
+    with pytest.raises(ApiException) as raised:
+        retry.retry(call, stop=threading.Event(), backoff=FAST)
+    assert raised.value.status == 404 and len(calls) == 1
+
+
+def test_retry_ends_when_the_agent_stops() -> None:
+    stop = threading.Event()
+    stopper = threading.Timer(0.2, stop.set)
+    stopper.start()
+    started = time.monotonic()
+    with pytest.raises(retry.Stopped):
+        retry.retry(
+            flaky([ConnectionRefusedError()] * 10_000),
+            stop=stop,
+            backoff=retry.Backoff(initial=0.05, factor=1.0, cap=0.05),
+        )
+    assert time.monotonic() - started < 2
+
+
+def test_retry_gives_up_when_overtaken() -> None:
+    attempts: list[int] = []
+    with pytest.raises(retry.Stopped, match="after 3 failed"):
+        retry.retry(
+            flaky([ConnectionRefusedError()] * 10),
+            stop=threading.Event(),
+            give_up=lambda: len(attempts) >= 3,
+            backoff=FAST,
+            on_failure=lambda n, _: attempts.append(n),
+        )

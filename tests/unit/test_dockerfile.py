@@ -247,6 +247,7 @@ def test_dockerignore_keeps_what_copy_needs_and_drops_the_rest() -> None:
             assert any(f == source or f.startswith(source) for f in context), source
     assert "pyproject.toml" in context and "README.md" in context
     assert "common/imagebatch_common/contract.py" in context
+    assert "cli/imagebatch_cli/main.py" in context
     assert "operator/imagebatch_operator/main.py" in context
     assert "worker/imagebatch_worker/main.py" in context
     for kept_out in ("tests/", "charts/", ".venv/", ".git/", "Dockerfile"):
@@ -369,9 +370,16 @@ def files_under(folder: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime for p in folder.rglob("*")}
 
 
-@pytest.mark.parametrize("entry_point", ["imagebatch-operator", "imagebatch-worker"])
-def test_both_entry_points_start_from_the_built_virtualenv(
-    built_image: dict[str, str], entry_point: str
+@pytest.mark.parametrize(
+    ("entry_point", "usage"),
+    [
+        ("imagebatch-operator", "usage: imagebatch-operator"),
+        ("imagebatch-worker", "usage: imagebatch-worker"),
+        ("kubectl-imagebatch", "usage: kubectl imagebatch"),
+    ],
+)
+def test_every_entry_point_starts_from_the_built_virtualenv(
+    built_image: dict[str, str], entry_point: str, usage: str
 ) -> None:
     env = built_image
     venv = Path(env["VIRTUAL_ENV"])
@@ -388,7 +396,7 @@ def test_both_entry_points_start_from_the_built_virtualenv(
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"usage: {entry_point}")
+    assert result.stdout.startswith(usage)
     assert files_under(venv) == before  # nothing written: a read-only root filesystem is fine
 
 

@@ -8,11 +8,12 @@ import pytest
 
 from imagebatch_operator.status import (
     Counts,
-    Observation,
     Reason,
-    Stage,
+    RunState,
+    RunView,
     compute_status,
     differs,
+    only_counters_differ,
     set_condition,
     webhook_condition_status,
 )
@@ -27,19 +28,27 @@ def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
 @pytest.mark.parametrize(
     ("stage", "phase", "ready", "stalled", "reconciling"),
     [
-        (Stage.PENDING, "Pending", ("False", "Pending"), "False", "True"),
-        (Stage.VALIDATING, "Validating", ("False", "Validating"), "False", "True"),
-        (Stage.SOURCE_UNAVAILABLE, "Validating", ("False", "SourceUnavailable"), "False", "True"),
-        (Stage.RUNNING, "Running", ("False", "Running"), "False", "True"),
-        (Stage.SUCCEEDED, "Succeeded", ("True", "Succeeded"), "False", "False"),
-        (Stage.FAILED, "Failed", ("False", "TooManyFailedImages"), "True", "False"),
-        (Stage.INVALID, "Failed", ("False", "InvalidCSV"), "True", "False"),
+        (RunState.QUEUED, "Pending", ("False", "Queued"), "False", "True"),
+        (RunState.VALIDATING, "Validating", ("False", "Validating"), "False", "True"),
+        (
+            RunState.SOURCE_UNAVAILABLE,
+            "Validating",
+            ("False", "SourceUnavailable"),
+            "False",
+            "True",
+        ),
+        (RunState.RUNNING, "Running", ("False", "Running"), "False", "True"),
+        (RunState.SUCCEEDED, "Succeeded", ("True", "Succeeded"), "False", "False"),
+        (RunState.FAILED, "Failed", ("False", "TooManyFailedImages"), "True", "False"),
+        (RunState.INVALID, "Failed", ("False", "InvalidCSV"), "True", "False"),
+        (RunState.REFUSED, "Failed", ("False", "OverLimit"), "True", "False"),
+        (RunState.MERGING, "Running", ("False", "Merging"), "False", "True"),
     ],
 )
 def test_every_stage_has_ready_and_kstatus_conditions(
-    stage: Stage, phase: str, ready: tuple[str, str], stalled: str, reconciling: str
+    stage: RunState, phase: str, ready: tuple[str, str], stalled: str, reconciling: str
 ) -> None:
-    status = compute_status({}, Observation(generation=2, stage=stage), T0)
+    status = compute_status({}, RunView(generation=2, state=stage), T0)
     c = conds(status)
     assert status["phase"] == phase
     assert c["Ready"] == ready
@@ -51,15 +60,15 @@ def test_every_stage_has_ready_and_kstatus_conditions(
 
 def test_invalid_csv_sets_validated_false_with_reason() -> None:
     status = compute_status(
-        {}, Observation(generation=1, stage=Stage.INVALID, message="bad row 3"), T0
+        {}, RunView(generation=1, state=RunState.INVALID, message="bad row 3"), T0
     )
     assert conds(status)["Validated"] == ("False", "InvalidCSV")
     assert conds(status)["Failed"] == ("True", "InvalidCSV")
 
 
 def test_success_with_some_failed_images_says_so() -> None:
-    o = Observation(
-        generation=1, stage=Stage.SUCCEEDED, images=Counts(total=10, succeeded=9, failed=1)
+    o = RunView(
+        generation=1, state=RunState.SUCCEEDED, images=Counts(total=10, succeeded=9, failed=1)
     )
     status = compute_status({}, o, T0)
     assert conds(status)["Complete"] == ("True", "SucceededWithFailures")
@@ -68,15 +77,15 @@ def test_success_with_some_failed_images_says_so() -> None:
 
 
 def test_transition_time_kept_while_the_status_does_not_change() -> None:
-    first = compute_status({}, Observation(generation=1, stage=Stage.RUNNING), T0)
+    first = compute_status({}, RunView(generation=1, state=RunState.RUNNING), T0)
     second = compute_status(
         first,
-        Observation(generation=1, stage=Stage.RUNNING, images=Counts(total=4, succeeded=1)),
+        RunView(generation=1, state=RunState.RUNNING, images=Counts(total=4, succeeded=1)),
         T1,
     )
     times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
     assert times["Ready"] == T0 and times["Reconciling"] == T0
-    done = compute_status(second, Observation(generation=1, stage=Stage.SUCCEEDED), T1)
+    done = compute_status(second, RunView(generation=1, state=RunState.SUCCEEDED), T1)
     times = {c["type"]: c["lastTransitionTime"] for c in done["conditions"]}
     assert times["Ready"] == T1 and times["Complete"] == T1 and times["Stalled"] == T0
 
@@ -97,10 +106,10 @@ def test_set_condition_adds_and_replaces() -> None:
 
 
 def test_webhook_condition_only_when_configured_and_record_is_kept() -> None:
-    without = compute_status({}, Observation(generation=1, stage=Stage.RUNNING), T0)
+    without = compute_status({}, RunView(generation=1, state=RunState.RUNNING), T0)
     assert "WebhookDelivered" not in conds(without)
     pending = compute_status(
-        {}, Observation(generation=1, stage=Stage.RUNNING, webhook_configured=True), T0
+        {}, RunView(generation=1, state=RunState.RUNNING, webhook_configured=True), T0
     )
     assert conds(pending)["WebhookDelivered"] == ("Unknown", "Pending")
     delivered = {
@@ -111,21 +120,21 @@ def test_webhook_condition_only_when_configured_and_record_is_kept() -> None:
         ),
     }
     again = compute_status(
-        delivered, Observation(generation=1, stage=Stage.SUCCEEDED, webhook_configured=True), T1
+        delivered, RunView(generation=1, state=RunState.SUCCEEDED, webhook_configured=True), T1
     )
     assert conds(again)["WebhookDelivered"] == ("True", "Delivered")
     assert again["webhook"] == {"attempts": 1}
 
 
 def test_differs_only_when_a_write_would_change_something() -> None:
-    status = compute_status({}, Observation(generation=1, stage=Stage.RUNNING), T0)
+    status = compute_status({}, RunView(generation=1, state=RunState.RUNNING), T0)
     assert not differs(
-        status, compute_status(status, Observation(generation=1, stage=Stage.RUNNING), T1)
+        status, compute_status(status, RunView(generation=1, state=RunState.RUNNING), T1)
     )
     assert differs(
         status,
         compute_status(
-            status, Observation(generation=1, stage=Stage.RUNNING, images=Counts(1, 1)), T1
+            status, RunView(generation=1, state=RunState.RUNNING, images=Counts(1, 1)), T1
         ),
     )
 
@@ -149,3 +158,68 @@ def test_fields_set_to_none_count_as_absent() -> None:
 )
 def test_webhook_condition_follows_the_delivery_state(state: Reason, value: str) -> None:
     assert webhook_condition_status(state) == value
+
+
+@pytest.mark.parametrize(
+    ("view", "message"),
+    [
+        pytest.param(
+            RunView(
+                generation=1,
+                state=RunState.FAILED,
+                shards=Counts(total=3, succeeded=3),
+                images=Counts(total=10, succeeded=5, failed=5),
+            ),
+            "all 3 shards finished, but 5 of 10 images failed, more than the failure policy allows",
+            id="failed-over-the-limit-says-every-shard-finished",
+        ),
+        pytest.param(
+            RunView(generation=1, state=RunState.INVALID),
+            "the CSV is invalid: no shard ran",
+            id="invalid-csv-ran-nothing",
+        ),
+        pytest.param(
+            RunView(
+                generation=1, state=RunState.RUNNING, shards=Counts(total=4, succeeded=1, failed=1)
+            ),
+            "2 of 4 shards finished",
+            id="running-counts-finished-shards",
+        ),
+        pytest.param(
+            RunView(generation=1, state=RunState.VALIDATING),
+            "not started: the CSV is not validated yet",
+            id="validating",
+        ),
+        pytest.param(
+            RunView(generation=1, state=RunState.MERGING, shards=Counts(total=2, succeeded=2)),
+            "all 2 shards finished; writing output.csv",
+            id="merging",
+        ),
+    ],
+)
+def test_complete_condition_message_is_true_in_every_state(view: RunView, message: str) -> None:
+    complete = {c["type"]: c for c in compute_status({}, view, T0)["conditions"]}["Complete"]
+    assert complete["message"] == message
+
+
+def test_progress_alone_may_wait_but_a_condition_change_may_not() -> None:
+    running = compute_status({}, RunView(generation=1, state=RunState.RUNNING), T0)
+    more = compute_status(
+        running, RunView(generation=1, state=RunState.RUNNING, images=Counts(4, 1)), T1
+    )
+    assert only_counters_differ(running, more)
+    done = compute_status(running, RunView(generation=1, state=RunState.SUCCEEDED), T1)
+    assert not only_counters_differ(running, done)
+
+
+def test_a_refusal_names_its_reason_everywhere() -> None:
+    view = RunView(
+        generation=1,
+        state=RunState.REFUSED,
+        reason=Reason.OUTPUT_NOT_ALLOWED,
+        message="spec.output.bucket 'other' is not allowed",
+    )
+    c = conds(compute_status({}, view, T0))
+    assert c["Ready"] == ("False", "OutputNotAllowed")
+    assert c["Stalled"] == ("True", "OutputNotAllowed")
+    assert c["Validated"] == ("False", "OutputNotAllowed")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import random
 
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -92,10 +91,71 @@ def test_which_answers_are_retried(code: int, delivered: bool, retry: bool) -> N
     assert webhook.classify(code) == (delivered, retry)
 
 
-def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
-    rng = random.Random(1)
-    waits = [webhook.backoff(n, 1.0, None, rng) for n in range(1, 6)]
-    for n, wait in enumerate(waits, start=1):
-        assert 2 ** (n - 1) / 2 <= wait <= 2 ** (n - 1)
-    assert webhook.backoff(1, 1.0, 7.0, rng) == 7.0
-    assert webhook.backoff(1, 1.0, 10_000.0, rng) == 300.0
+def test_schedule_parses_and_refuses_nonsense() -> None:
+    assert webhook.parse_schedule("0, 5,300") == (0.0, 5.0, 300.0)
+    assert sum(webhook.DEFAULT_SCHEDULE) > 24 * 3600  # spans a receiver down for a day
+    for bad, why in [("", "no attempt"), ("0,x", "'x'"), ("0,-1", "negative")]:
+        with pytest.raises(ValueError, match=why):
+            webhook.parse_schedule(bad)
+
+
+NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+SCHEDULE = (0.0, 5.0, 300.0)
+
+
+def attempt(number: int, code: int | None, retry_after: float | None = None) -> webhook.Attempt:
+    if code is None:
+        return webhook.Attempt(
+            number, "t", None, "ConnectionError: connection refused", False, True
+        )
+    delivered, retry = webhook.classify(code)
+    return webhook.Attempt(
+        number, "t", code, "" if delivered else f"HTTP {code}", delivered, retry, retry_after
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "verdict", "next_at", "gave_up"),
+    [
+        pytest.param(attempt(1, 204), "delivered", None, None, id="2xx-delivers"),
+        pytest.param(attempt(1, 410), "gone", None, True, id="410-stops"),
+        pytest.param(attempt(1, 404), "failed", None, True, id="4xx-is-final"),
+        pytest.param(attempt(1, 302), "failed", None, True, id="3xx-is-a-failure"),
+        pytest.param(attempt(1, 503), "retrying", "2026-01-01T00:00:05Z", None, id="5xx-next-step"),
+        pytest.param(attempt(1, None), "retrying", "2026-01-01T00:00:05Z", None, id="refused"),
+        pytest.param(
+            attempt(2, 429, retry_after=3600.0),
+            "retrying",
+            "2026-01-01T01:00:00Z",
+            None,
+            id="retry-after-longer-than-the-schedule-wins",
+        ),
+        pytest.param(
+            attempt(1, 429, retry_after=1.0),
+            "retrying",
+            "2026-01-01T00:00:05Z",
+            None,
+            id="retry-after-shorter-keeps-the-schedule",
+        ),
+        pytest.param(attempt(3, 503), "failed", None, True, id="schedule-spent-gives-up"),
+    ],
+)
+def test_one_attempt_moves_the_record(
+    given: webhook.Attempt, verdict: str, next_at: str | None, gave_up: bool | None
+) -> None:
+    record, got, message = webhook.next_record({"run": "r", "attempts": 0}, given, SCHEDULE, NOW)
+    assert got == verdict
+    assert record["nextAttemptTime"] == next_at
+    assert record.get("gaveUp") == gave_up
+    assert record["attempts"] == given.number
+    assert (record.get("deliveredTime") is not None) == (verdict == "delivered")
+    assert message
+
+
+def test_the_next_attempt_is_never_before_retry_after_even_within_a_second() -> None:
+    late_in_a_second = NOW.replace(microsecond=900_000)
+    record, _, _ = webhook.next_record(
+        {"run": "r"}, attempt(1, 429, retry_after=3.0), SCHEDULE, late_in_a_second
+    )
+    due = webhook.parse_time(record["nextAttemptTime"])
+    assert due is not None and due >= late_in_a_second + datetime.timedelta(seconds=5)

@@ -31,9 +31,9 @@ from imagebatch_common.storage import (
     ObjectInfo,
     ObjectNotFound,
     Storage,
-    StorageSettings,
     StorageUnavailable,
 )
+from imagebatch_common.storage_settings import StorageSettings
 from imagebatch_worker import formats
 from imagebatch_worker.logs import JsonLog
 from imagebatch_worker.runner import ShardLocation, ShardRunner

@@ -24,6 +24,7 @@ from imagebatch_common.failures import ImageFailure, Reason
 from imagebatch_common.fetch import Fetcher, FetchSettings
 from imagebatch_common.urlguard import (
     AddressPolicy,
+    parse_endpoints,
     parse_legacy_ipv4,
     resolve_target,
     system_resolver,
@@ -373,3 +374,30 @@ def test_allow_list_entry_may_be_any_network() -> None:
     assert resolve_target("http://10.1.2.3/", policy, fake_dns).address == "10.1.2.3"
     with pytest.raises(ImageFailure):
         resolve_target("http://11.0.0.1.nip.example/", policy, fake_dns)
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        pytest.param("http://10.1.2.3:9000/x.jpg", True, id="the-store-itself"),
+        pytest.param("http://10.1.2.3:443/x.jpg", True, id="the-api-server"),
+        pytest.param("http://10.1.2.3:8080/x.jpg", False, id="another-port-of-that-host"),
+        pytest.param("http://store.internal:9000/x.jpg", True, id="by-name"),
+        pytest.param("http://[::ffff:10.1.2.3]:9000/x.jpg", True, id="ipv4-mapped"),
+    ],
+)
+def test_the_clusters_own_endpoints_are_refused_even_inside_an_allowed_network(
+    url: str, refused: bool
+) -> None:
+    def dns(host: str, port: int) -> list[str]:
+        return ["10.1.2.3"]
+
+    policy = AddressPolicy(
+        (ipaddress.ip_network("10.0.0.0/8"),),
+        parse_endpoints("10.1.2.3:9000, store.internal:9000, 10.1.2.3:443", dns),
+    )
+    if refused:
+        with pytest.raises(ImageFailure, match="a service of the cluster itself"):
+            resolve_target(url, policy, dns)
+    else:
+        assert resolve_target(url, policy, dns).address == "10.1.2.3"

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from imagebatch_common.contract import EXIT_PERMANENT, EXIT_RETRY
-from imagebatch_common.storage import Storage, StorageSettings
+from imagebatch_common.storage import Storage
+from imagebatch_common.storage_settings import StorageSettings
 from imagebatch_worker.logs import JsonLog
 from imagebatch_worker.runner import ShardLocation, ShardRunner
 from imagebatch_worker.settings import WorkerSettings

@@ -25,6 +25,7 @@ from imagebatch_common.envread import (
     read_env,
 )
 from imagebatch_common.fetch import FetchSettings
+from imagebatch_common.urlguard import parse_endpoints
 
 MIB = 1024 * 1024
 
@@ -86,6 +87,9 @@ class WorkerSettings:
     # Networks the fetcher may reach although they are not global (loopback, private,
     # ...). Empty by default: only public addresses (IMAGEBATCH_ALLOW_NETS, CIDRs).
     allow_nets: tuple[IPNetwork, ...] = ()
+    # Endpoints (address, port) never fetched from, whatever allow_nets says: the object
+    # store's and the Kubernetes API server's (IMAGEBATCH_DENY_ENDPOINTS, address:port).
+    deny_endpoints: frozenset[tuple[str, int]] = frozenset()
     # Downloads in flight at once, and as many uploads: both overlap with compression
     # (IMAGEBATCH_CONCURRENCY).
     concurrency: int = 8
@@ -137,6 +141,7 @@ class WorkerSettings:
                 source, "IMAGEBATCH_MAX_RETRY_AFTER", positive_float, defaults.max_retry_after
             ),
             allow_nets=read_env(source, Env.ALLOW_NETS, parse_networks, ()),
+            deny_endpoints=read_env(source, Env.DENY_ENDPOINTS, parse_endpoints, frozenset()),
             concurrency=read_env(
                 source, "IMAGEBATCH_CONCURRENCY", positive_int, defaults.concurrency
             ),
@@ -163,6 +168,7 @@ class WorkerSettings:
             retry_backoff=self.retry_backoff,
             max_retry_after=self.max_retry_after,
             allow_nets=self.allow_nets,
+            deny=self.deny_endpoints,
             pool_size=self.concurrency,
             ca_bundle=self.ca_bundle,
             user_agent=self.user_agent,

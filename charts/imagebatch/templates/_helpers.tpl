@@ -74,7 +74,7 @@ What the operator does in a namespace it watches, and nothing more:
   verbs: [update]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, create, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, create, patch]

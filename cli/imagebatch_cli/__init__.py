@@ -1,0 +1,1 @@
+"""``kubectl imagebatch``: the command line for ImageBatch users (a kubectl plugin)."""
