@@ -607,6 +607,15 @@ def summary_table(
         lambda s: stage_line(best(s, "worker").summary) if best(s, "worker") else "-",  # type: ignore[union-attr]
     )
 
+    def waits(s: ImageSet) -> str:
+        run = best(s, "worker")
+        waited = run.summary.get("compress_waited_ms") if run else None
+        if not run or not waited:
+            return "-"
+        return " / ".join(f"{ms / s.count:.2f}" for ms in waited.values())
+
+    row("compression waited for downloads / for uploads, wall ms per image", waits)
+
     def first_fetch(s: ImageSet) -> str:
         runs = results[s.name]["worker"].runs
         return f"{min(r.summary.get('cpu_ms_to_first_fetch') or 0 for r in runs):.0f}"
@@ -666,7 +675,10 @@ def bench_set(
     if extras:
         methods |= {
             "processes": (
-                Measurement("worker, compression in processes", "IMAGEBATCH_COMPRESS_IN"),
+                Measurement(
+                    "worker, compression in processes",
+                    "IMAGEBATCH_COMPRESS_IN; the pool processes' CPU is not in the figure",
+                ),
                 lambda: run_worker(
                     worker, images.files, stack, stack.near, IMAGEBATCH_COMPRESS_IN="processes"
                 ),
