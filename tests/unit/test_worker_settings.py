@@ -44,6 +44,7 @@ def test_every_variable_is_read() -> None:
             "IMAGEBATCH_COMPRESS_IN": "threads",
             "IMAGEBATCH_CA_BUNDLE": "/etc/ssl/ca.pem",
             "IMAGEBATCH_USER_AGENT": "catalog-bot/2",
+            "IMAGEBATCH_MEMORY_LIMIT": "1073741824",
         }
     )
 
@@ -67,6 +68,7 @@ def test_every_variable_is_read() -> None:
         compress_in="threads",
         ca_bundle="/etc/ssl/ca.pem",
         user_agent="catalog-bot/2",
+        memory_limit=1024**3,
     )
 
 
@@ -80,6 +82,7 @@ def test_every_variable_is_read() -> None:
         ("IMAGEBATCH_RETRIES", "-2", "must not be negative"),
         ("IMAGEBATCH_ALLOW_NETS", "127.0.0.0/8,localhost", "'localhost' is not a CIDR"),
         ("IMAGEBATCH_COMPRESS_IN", "gpu", '"processes" or "threads"'),
+        ("IMAGEBATCH_MEMORY_LIMIT", "1Gi", "IMAGEBATCH_MEMORY_LIMIT='1Gi'"),
     ],
     ids=[
         "not-a-number",
@@ -89,6 +92,7 @@ def test_every_variable_is_read() -> None:
         "negative-retries",
         "bad-cidr",
         "bad-compress-mode",
+        "memory-limit-not-in-bytes",
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, words: str) -> None:
