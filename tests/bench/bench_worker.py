@@ -412,6 +412,79 @@ def per_image_costs(images: ImageSet, stack: Stack, samples: int) -> dict[str, f
     return costs
 
 
+# -- the suspects, each measured alone ------------------------------------------------
+
+
+def suspects(images: ImageSet) -> dict[str, float]:
+    """CPU microseconds per image of each cost the worker issue names, measured alone in
+    this process with the worker's own code and one of this set's images."""
+    import queue
+    import threading
+
+    from imagebatch_common.contract import ImageResult, ShardResult
+    from imagebatch_common.storage import _S3Requests
+    from imagebatch_worker.logs import JsonLog
+    from imagebatch_worker.runner import ShardRunner
+
+    body = images.files[0].read_bytes()
+    encoded = compress(body, CompressParams(quality=QUALITY))
+    settings = StorageSettings("127.0.0.1:9000", "key", "secret")
+    signer = _S3Requests(settings, 5.0, 0)
+    sink = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    log = JsonLog(sink)
+    result = ImageResult(
+        "http://images.example/a.jpg", "ns/b/images/0.jpg", True, len(body), len(encoded.data)
+    )
+    to_worker: queue.Queue[object] = queue.Queue()
+    back: queue.Queue[object] = queue.Queue()
+
+    def echo() -> None:
+        while (item := to_worker.get()) is not None:
+            back.put(item)
+
+    echoing = threading.Thread(target=echo)
+    echoing.start()
+    chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)]
+
+    def hand_over() -> None:  # one image through a queue to another thread and back
+        to_worker.put(body)
+        back.get()
+
+    pool = ThreadPoolExecutor(2)
+
+    def future_round_trip() -> None:  # what the worker did before: a pool's future per image
+        pool.submit(len, body).result()
+
+    measures: dict[str, Callable[[], object]] = {
+        "hand-over: queue to another thread and back": hand_over,
+        "JSON log line": lambda: log.emit(
+            "image", url=result.url, key=result.key, ok=True, bytes_in=result.input_bytes
+        ),
+        "SHA-256 of the payload (once per upload)": lambda: (
+            __import__("hashlib").sha256(encoded.data).hexdigest()
+        ),
+        "signature: canonical request and HMACs": lambda: signer.signed_headers(
+            "PUT", "/b/ns/b/images/0.jpg", "", {"content-type": "image/jpeg"}, "0" * 64, "r"
+        ),
+        "metadata dict of an output": lambda: ShardRunner._metadata(encoded, len(body)),
+        "buffer copy: the body joined from its reads": lambda: b"".join(chunks),
+        "result manifest: one image record": lambda: ShardResult("r", 0, (result,)).to_json(),
+    }
+    measures["hand-over before: a pool's future per image, there and back"] = future_round_trip
+    costs = {}
+    for name, measure in measures.items():
+        rounds = 1000
+        before = time.process_time()  # every thread's CPU: a hand-over costs both sides
+        for _ in range(rounds):
+            measure()
+        costs[name] = (time.process_time() - before) / rounds * 1e6
+    to_worker.put(None)
+    echoing.join()
+    pool.shutdown()
+    sink.close()
+    return costs
+
+
 # -- the big PNGs ----------------------------------------------------------------------
 
 
@@ -898,6 +971,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for image_set in sets
             }
             costs = {s.name: per_image_costs(s, stack, 60 if s.width > 2000 else 200) for s in sets}
+            measured_alone = {s.name: suspects(s) for s in sets[:2]}
             print("hosts", flush=True)
             hosts_results = bench_hosts(sets[1], args.rounds, stack, worker, before)
             print("memory", flush=True)
@@ -913,7 +987,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 profiles = record_profiles(sets[:2], stack, scripts, args.out.parent, roots)
 
     report = render(
-        args, info, load, sets, results, costs, hosts_results, memory, start_up, profiles, big_sizes
+        args,
+        info,
+        load,
+        sets,
+        results,
+        costs,
+        hosts_results,
+        memory,
+        start_up,
+        profiles,
+        big_sizes,
+        measured_alone,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
@@ -933,6 +1018,7 @@ def render(
     start_up: dict[str, float],
     profiles: Profiles,
     big: list[int],
+    measured_alone: dict[str, dict[str, float]],
 ) -> str:
     compare = bool(args.compare)
     lines = [
@@ -981,6 +1067,26 @@ def render(
     for operation in costs[sets[0].name]:
         lines.append(
             f"| {operation} | " + " | ".join(f"{costs[s.name][operation]:.2f}" for s in sets) + " |"
+        )
+    lines += [
+        "",
+        "### The costs the worker issue names, each measured alone",
+        "",
+        "CPU microseconds per image, the worker's own code in a loop in the benchmark "
+        "process (all its threads), on one image of each size: what each suspect can cost "
+        "at most, beside the profile below, which shows what it cost in a shard. The "
+        "payload's SHA-256 is computed once per upload (over https none: the payload is "
+        "sent as UNSIGNED-PAYLOAD under TLS); the SDK before computed it once over http "
+        "and an MD5 over https.",
+        "",
+        "| cost | " + " | ".join(measured_alone) + " |",
+        "|---|" + "---:|" * len(measured_alone),
+    ]
+    for name in next(iter(measured_alone.values())):
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{costs_[name]:.1f}" for costs_ in measured_alone.values())
+            + " |"
         )
     small = sets[1]
     lines += [
