@@ -23,7 +23,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 MANIFEST_VERSION = 1
 
@@ -154,8 +154,7 @@ def errors_csv_key(prefix: str) -> str:
     return f"{prefix}errors.csv"
 
 
-@dataclass(frozen=True)
-class ShardImage:
+class ShardImage(NamedTuple):
     """One image a shard must produce.
 
     ``stored`` is what the operator saw when it planned the run: True, the output was
@@ -168,6 +167,8 @@ class ShardImage:
     url: str
     key: str
     stored: bool | None = None
+    # A named tuple, not a dataclass: planning makes one per distinct image, up to the
+    # hundreds of thousands, and a frozen dataclass costs three times as much to make.
 
 
 @dataclass(frozen=True)

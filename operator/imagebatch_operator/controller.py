@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import datetime
 import logging
 import threading
@@ -45,7 +46,7 @@ from imagebatch_operator.ingest import Ingest
 from imagebatch_operator.kube import ApiUnavailable, Conflict, Kube
 from imagebatch_operator.merge import Merge, MergeInput
 from imagebatch_operator.metrics import Metrics
-from imagebatch_operator.observe import Observer
+from imagebatch_operator.observe import Observer, finished_shard
 from imagebatch_operator.settings import Settings
 from imagebatch_operator.sources import UrlOpener
 from imagebatch_operator.status import (
@@ -111,6 +112,11 @@ class Controller:
         self._batches: dict[Key, dict[str, Any]] = {}
         self._by_namespace: dict[str, set[str]] = {}
         self._tasks: dict[Key, dict[str, Task]] = {}
+        # Shards whose pod succeeded, by (namespace, Job name), from the watch of worker
+        # pods; and which batch a batch label names, to wake it.
+        self._pods_done: dict[tuple[str, str], set[int]] = {}
+        self._by_label: dict[tuple[str, str], str] = {}
+        self._stop_watching = threading.Event()
         self._failures: dict[Key, int] = {}
         self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="reconcile")
@@ -162,6 +168,13 @@ class Controller:
 
     async def start(self) -> None:
         self.queue.bind(asyncio.get_running_loop())
+        for namespace in self.settings.watch_namespaces or (None,):
+            threading.Thread(
+                target=self.kube.watch_pods,
+                args=(plan.LABEL_BATCH, namespace, self.pod_event, self._stop_watching),
+                name=f"pods-{namespace or 'all'}",
+                daemon=True,
+            ).start()
         self._running.append(asyncio.create_task(self.queue.run_timer(), name="imagebatch-timer"))
         for number in range(self.settings.workers):
             self._running.append(
@@ -169,6 +182,7 @@ class Controller:
             )
 
     async def stop(self) -> None:
+        self._stop_watching.set()
         self.queue.shutdown()
         for task in self._running:
             task.cancel()
@@ -187,11 +201,42 @@ class Controller:
                 self._batches.pop(key, None)
                 self._by_namespace.get(key[0], set()).discard(key[1])
                 self._tasks.pop(key, None)
+                self._by_label.pop((key[0], plan.batch_label(key[1])), None)
+                for job in [k for k in self._pods_done if k[0] == key[0]]:
+                    long_name = len(key[1]) > 43 and job[1].startswith(key[1][:43])
+                    if job[1].startswith(f"{key[1]}-") or long_name:
+                        del self._pods_done[job]
             self.observer.forget(key)
             self._wake_queued(key[0])
             return
         self.remember(copy.deepcopy(dict(body)))
         self.queue.add(key)
+
+    def pod_event(self, event_type: str, pod: Mapping[str, Any]) -> None:
+        """A worker pod changed (from the pod watch's thread): wake its batch on success."""
+        done = finished_shard(pod)
+        if done is None:
+            return
+        meta = pod.get("metadata") or {}
+        namespace = str(meta.get("namespace"))
+        label = str((meta.get("labels") or {}).get(plan.LABEL_BATCH, ""))
+        with self._lock:
+            indexes = self._pods_done.setdefault((namespace, done[0]), set())
+            if done[1] in indexes:
+                return
+            indexes.add(done[1])
+            batch = self._by_label.get((namespace, label))
+        if batch is not None:
+            self.queue.add((namespace, batch))
+
+    def with_finished_pods(self, namespace: str, jobs: tuple[JobView, ...]) -> tuple[JobView, ...]:
+        """The Jobs as the watch saw them, plus the shards whose pod already succeeded."""
+        with self._lock:
+            done = [frozenset(self._pods_done.get((namespace, j.name), ())) for j in jobs]
+        return tuple(
+            dataclasses.replace(j, completed=j.completed | extra) if extra - j.completed else j
+            for j, extra in zip(jobs, done, strict=True)
+        )
 
     def job_event(self, namespace: str, batch: str | None) -> None:
         """One of a batch's Jobs changed (the index is already up to date)."""
@@ -211,6 +256,7 @@ class Controller:
                 self._tasks.pop(key, None)  # a new object with the same name
             self._batches[key] = body
             self._by_namespace.setdefault(key[0], set()).add(key[1])
+            self._by_label[(key[0], plan.batch_label(key[1]))] = key[1]
 
     def batch(self, key: Key) -> dict[str, Any] | None:
         with self._lock:
@@ -339,7 +385,8 @@ class Controller:
             started = time.monotonic()
             result = "ok"
             try:
-                jobs = tuple(self.jobs_of(key))  # read kopf's index on its own loop thread
+                # kopf's index is read on its own loop thread.
+                jobs = self.with_finished_pods(key[0], tuple(self.jobs_of(key)))
                 requeue = await loop.run_in_executor(self.pool, self.reconcile, key, jobs)
                 self._failures.pop(key, None)
                 if requeue is not None:

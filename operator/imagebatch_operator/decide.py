@@ -521,7 +521,14 @@ def decide(obs: Observation, settings: Settings) -> Decision:
         return done(None, TASK_RETRY_SECONDS)
     job, job_deleting = _job_of(obs, run)
     progress = _progress(obs, summary, job)
-    if summary.shards > 0 and state is RunState.RUNNING and (job is None or not job.finished):
+    # Every index done (from the Job, or a succeeded pod seen first) means finished,
+    # even before the Job controller says so.
+    every_shard = job is not None and len(job.completed | job.failed) >= summary.shards
+    if (
+        summary.shards > 0
+        and state is RunState.RUNNING
+        and (job is None or not (job.finished or every_shard))
+    ):
         if job is None:
             if not job_deleting:
                 actions.append(EnsureCredentials(run))

@@ -15,16 +15,15 @@ tried again later; nothing here leaves half a plan that a later pass would trust
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO
 
 from imagebatch_common.contract import (
     Compression,
@@ -47,7 +46,6 @@ from imagebatch_operator.status import Reason
 
 log = logging.getLogger("imagebatch.ingest")
 
-_BATCH = 5000  # URLs per executemany
 _UPLOADS_IN_FLIGHT = 16  # manifest PUTs overlapped
 
 
@@ -93,20 +91,37 @@ class Target:
     run: str
 
 
-def scratch_db(directory: str) -> tuple[sqlite3.Connection, str]:
-    """A throw-away SQLite database on disk, tuned for one writer and no durability.
+class Spool:
+    """The files one ingest writes to disk: the rows, each distinct URL, the images to do."""
 
-    The connection opens a transaction by itself before every write and commits only
-    when told: committing each row (autocommit) measured twenty times slower.
-    """
-    handle, path = tempfile.mkstemp(prefix="imagebatch-", suffix=".sqlite", dir=directory)
-    os.close(handle)
-    db = sqlite3.connect(path, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=OFF")
-    db.execute("PRAGMA synchronous=OFF")
-    db.execute("PRAGMA temp_store=FILE")
-    db.execute("PRAGMA cache_size=-16384")  # 16 MiB of pages, whatever the batch size
-    return db, path
+    def __init__(self, directory: str) -> None:
+        self.rows = tempfile.NamedTemporaryFile(  # noqa: SIM115 - removed by remove()
+            "w", suffix=".jsonl", dir=directory, delete=False, encoding="utf-8"
+        )
+        self.urls = tempfile.NamedTemporaryFile(  # noqa: SIM115 - removed by remove()
+            "w", suffix=".urls", dir=directory, delete=False, encoding="utf-8"
+        )
+        self.todo_path = self.urls.name + ".todo"
+
+    def read_urls(self) -> Iterator[str]:
+        with open(self.urls.name, encoding="utf-8") as lines:
+            for line in lines:
+                yield line[:-1]
+
+    def read_todo(self) -> Iterator[ShardImage]:
+        with open(self.todo_path, encoding="utf-8") as lines:
+            for line in lines:
+                url, key = line[:-1].split("\t")
+                yield ShardImage(url, key, False)
+
+    def remove(self) -> None:
+        for handle in (self.rows, self.urls):
+            handle.close()
+        for path in (self.rows.name, self.urls.name, self.todo_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def stored_outputs(storage: Storage, bucket: str, prefix: str) -> Iterator[str]:
@@ -176,14 +191,10 @@ class Ingest:
         self.storage.ensure_bucket(target.bucket)
         chunks = open_source(spec.source, ref.namespace, self.kube, self.storage, self.open_url)
         reader = csvinput.CsvReader(chunks, self.settings.csv_limits)
-        db, db_path = scratch_db(self.settings.spool_dir)
-        spool = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in finally
-            "w", suffix=".jsonl", dir=self.settings.spool_dir, delete=False, encoding="utf-8"
-        )
+        spool = Spool(self.settings.spool_dir)
         try:
             began = time.monotonic()
-            rows, distinct = self._read(reader, db, spool)
-            spool.close()
+            rows, distinct = self._read(reader, spool, self.settings.max_images)
             self.timings = {"validate": time.monotonic() - began}
             problems = list(reader.problems)
             if problems:
@@ -191,43 +202,40 @@ class Ingest:
             if distinct > self.settings.max_images:
                 return IngestOutcome(
                     "refused",
-                    f"the CSV has {distinct} distinct images, more than this operator's limit "
-                    f"of {self.settings.max_images} per batch (max images per batch); split it",
+                    f"the CSV has more than {self.settings.max_images} distinct images, this "
+                    "operator's limit per batch (max images per batch); split it",
                     reason=Reason.OVER_LIMIT,
                 )
-            return self._plan(spec, target, reader, db, spool.name, rows, distinct)
+            return self._plan(spec, target, reader, spool, rows, distinct)
         finally:
-            spool.close()
-            db.close()
-            for path in (spool.name, db_path):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            spool.remove()
 
     @staticmethod
-    def _read(
-        reader: csvinput.CsvReader, db: sqlite3.Connection, spool: IO[str]
-    ) -> tuple[int, int]:
-        """Spool valid rows; insert URLs, first-seen order kept by a running sequence."""
-        db.execute("CREATE TABLE urls (url TEXT PRIMARY KEY, seq INTEGER NOT NULL)")
-        write = spool.write
-        pending: list[tuple[str, int]] = []
-        seq = rows = 0
-        insert = "INSERT OR IGNORE INTO urls VALUES (?, ?)"
+    def _read(reader: csvinput.CsvReader, spool: Spool, limit: int) -> tuple[int, int]:
+        """Spool valid rows, and each distinct URL once, in first-seen order.
+
+        Whether a URL was seen is answered by a set of 16-byte digests, never the URLs
+        themselves: at most ``limit`` + 1 of them (about 16 MiB for 200,000), whatever
+        the CSV's size; past the limit only rows are checked and counted. Two URLs with
+        one digest (odds about 1 in 10^28) would leave the second without a shard,
+        reported in errors.csv as having no result, never silently.
+        """
+        write_row = spool.rows.write
+        write_url = spool.urls.write
+        seen: set[bytes] = set()
+        digest = hashlib.blake2b
+        rows = 0
         for row in reader.rows():
             rows += 1
-            write(row.to_json() + "\n")
+            write_row(row.to_json() + "\n")
             for url in row.urls:
-                pending.append((url, seq))
-                seq += 1
-            if len(pending) >= _BATCH:
-                db.executemany(insert, pending)
-                pending.clear()
-        if pending:
-            db.executemany(insert, pending)
-        (distinct,) = db.execute("SELECT count(*) FROM urls").fetchone()
-        return rows, int(distinct)
+                mark = digest(url.encode(), digest_size=16).digest()
+                if mark not in seen and len(seen) <= limit:
+                    seen.add(mark)
+                    write_url(url + "\n")  # a checked URL holds no white space
+        spool.rows.close()
+        spool.urls.close()
+        return rows, len(seen)
 
     def _invalid(self, target: Target, problems: list[csvinput.CsvProblem]) -> IngestOutcome:
         """errors.csv with every problem; the first few go into the status."""
@@ -265,14 +273,12 @@ class Ingest:
         spec: BatchSpec,
         target: Target,
         reader: csvinput.CsvReader,
-        db: sqlite3.Connection,
-        spool_path: str,
+        spool: Spool,
         rows: int,
         distinct: int,
     ) -> IngestOutcome:
         began = time.monotonic()
-        stored_count = self._load_stored(db, target)
-        todo, images = self._todo(db, target, spec.compression, stored_count, distinct)
+        todo, images = self._todo(spool, target, spec.compression, distinct)
         per_shard = plan.images_per_shard(spec, todo)
         shards = -(-todo // per_shard)
         self.timings["plan"] = time.monotonic() - began
@@ -295,7 +301,10 @@ class Ingest:
         self._upload_manifests(target, manifests)
         uploads_began = time.monotonic()
         self.storage.put_file(
-            target.bucket, rows_key(target.prefix, target.run), spool_path, "application/x-ndjson"
+            target.bucket,
+            rows_key(target.prefix, target.run),
+            spool.rows.name,
+            "application/x-ndjson",
         )
         assert reader.header is not None  # a CSV without one has a problem
         self.storage.put(
@@ -326,49 +335,30 @@ class Ingest:
         )
         return IngestOutcome("planned", plan=summary, notices=notices)
 
-    def _load_stored(self, db: sqlite3.Connection, target: Target) -> int:
-        """Outputs already in storage, once: they need no shard."""
-        db.execute("CREATE TABLE stored (key TEXT PRIMARY KEY) WITHOUT ROWID")
-        batch: list[tuple[str]] = []
-        count = 0
-        for key in stored_outputs(self.storage, target.bucket, target.prefix):
-            batch.append((key,))
-            count += 1
-            if len(batch) >= _BATCH:
-                db.executemany("INSERT OR IGNORE INTO stored VALUES (?)", batch)
-                batch.clear()
-        if batch:
-            db.executemany("INSERT OR IGNORE INTO stored VALUES (?)", batch)
-        return count
-
     def _todo(
-        self,
-        db: sqlite3.Connection,
-        target: Target,
-        compression: Compression,
-        stored: int,
-        distinct: int,
+        self, spool: Spool, target: Target, compression: Compression, distinct: int
     ) -> tuple[int, Iterator[ShardImage]]:
-        """How many images need a shard, and those images in first-seen order."""
+        """How many images need a shard, and those images in first-seen order.
+
+        The outputs already in storage are listed once (one request per thousand) and
+        need no shard. A first run, with nothing stored, keys each image as it goes out;
+        otherwise the images to do are keyed once into a spool file and counted.
+        """
         key_of = image_keyer(target.prefix, compression)
-        if stored == 0:  # a first run: every image, keyed as it goes out
-            ordered = db.execute("SELECT url FROM urls ORDER BY seq")
-            return distinct, (ShardImage(url, key_of(url), False) for (url,) in ordered)
-        db.execute("CREATE TABLE planned (seq INTEGER PRIMARY KEY, url TEXT, key TEXT)")
-        keyed: list[tuple[int, str, str]] = []
-        for seq, url in db.execute("SELECT seq, url FROM urls ORDER BY seq"):
-            keyed.append((seq, url, key_of(url)))
-            if len(keyed) >= _BATCH:
-                db.executemany("INSERT INTO planned VALUES (?, ?, ?)", keyed)
-                keyed.clear()
-        if keyed:
-            db.executemany("INSERT INTO planned VALUES (?, ?, ?)", keyed)
-        todo_query = (
-            "SELECT p.url, p.key FROM planned p WHERE NOT EXISTS "
-            "(SELECT 1 FROM stored s WHERE s.key = p.key) ORDER BY p.seq"
-        )
-        (todo,) = db.execute(f"SELECT count(*) FROM ({todo_query})").fetchone()  # noqa: S608
-        return int(todo), (ShardImage(url, key, False) for url, key in db.execute(todo_query))
+        stored: set[bytes] = set()
+        digest = hashlib.blake2b
+        for key in stored_outputs(self.storage, target.bucket, target.prefix):
+            stored.add(digest(key.encode(), digest_size=16).digest())
+        if not stored:
+            return distinct, (ShardImage(url, key_of(url), False) for url in spool.read_urls())
+        todo = 0
+        with open(spool.todo_path, "w", encoding="utf-8") as out:
+            for url in spool.read_urls():
+                key = key_of(url)
+                if digest(key.encode(), digest_size=16).digest() not in stored:
+                    out.write(f"{url}\t{key}\n")
+                    todo += 1
+        return todo, spool.read_todo()
 
     def _upload_manifests(self, target: Target, manifests: Iterator[ShardManifest]) -> None:
         """PUT each manifest as it is made, a bounded number in flight.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import json
 import socket
 import threading
 from collections import Counter
@@ -307,6 +308,97 @@ class Kube:
             absent=(404,),
         )
         return None if found is None else dict(found)
+
+    def watch_pods(
+        self,
+        label_selector: str,
+        namespace: str | None,
+        on_event: Callable[[str, dict[str, Any]], None],
+        stop: threading.Event,
+    ) -> None:
+        """List, then watch, the pods that carry ``label_selector``, until ``stop`` is set.
+
+        The selector is applied by the API server, so only the operator's own worker
+        pods travel, whatever else runs in the namespaces. Raw JSON, not client models:
+        a watch event costs a ``json.loads``. A broken or expired watch lists again;
+        failures back off up to 30 s.
+        """
+        failures = 0
+        while not stop.is_set():
+            try:
+                version: str | None = self._list_pods(label_selector, namespace, on_event)
+                failures = 0
+                while version is not None and not stop.is_set():
+                    # None: the version expired (410), so list again.
+                    version = self._watch_pods(label_selector, namespace, version, on_event)
+            except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError):
+                failures += 1
+                stop.wait(min(2.0**failures, 30.0))
+
+    def _pods_call(self, namespace: str | None, **kwargs: Any) -> Any:
+        if namespace is None:
+            return self.core.list_pod_for_all_namespaces(_preload_content=False, **kwargs)
+        return self.core.list_namespaced_pod(namespace, _preload_content=False, **kwargs)
+
+    def _list_pods(
+        self,
+        selector: str,
+        namespace: str | None,
+        on_event: Callable[[str, dict[str, Any]], None],
+    ) -> str:
+        response = self._call(
+            "list",
+            "pods",
+            "worker pods",
+            lambda: self._pods_call(namespace, label_selector=selector, _request_timeout=_TIMEOUT),
+        )
+        assert response is not None
+        listed = json.loads(response.data)
+        for pod in listed.get("items") or []:
+            on_event("LISTED", pod)
+        return str(listed["metadata"]["resourceVersion"])
+
+    def _watch_pods(
+        self,
+        selector: str,
+        namespace: str | None,
+        version: str,
+        on_event: Callable[[str, dict[str, Any]], None],
+    ) -> str | None:
+        """One watch request; the last version seen, or None when it expired."""
+        response = self._call(
+            "watch",
+            "pods",
+            "worker pods",
+            lambda: self._pods_call(
+                namespace,
+                label_selector=selector,
+                watch=True,
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=300,
+                _request_timeout=(_TIMEOUT[0], 330),
+            ),
+        )
+        assert response is not None  # _call returns None only for an ``absent`` status
+        try:
+            pending = b""
+            for chunk in response.stream(64 * 1024):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind == "ERROR":
+                        return None if obj.get("code") == 410 else version
+                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                    if kind != "BOOKMARK":
+                        on_event(str(kind), obj)
+        finally:
+            response.release_conn()
+        return version
 
     def post_event(
         self, involved: Mapping[str, Any], type_: str, reason: str, message: str

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from imagebatch_operator import handlers  # noqa: F401  (registers the handlers)
 
     namespaces: list[str] = list(args.namespace)
+    # The controller's own watch of shard pods reads the same list (settings).
+    os.environ["IMAGEBATCH_WATCH_NAMESPACES"] = ",".join(namespaces)
     kopf.run(
         standalone=True,
         clusterwide=not namespaces,

@@ -32,11 +32,27 @@ from imagebatch_common.contract import Stage as ImageStage
 from imagebatch_common.storage import ObjectNotFound, Storage
 from imagebatch_operator import csvinput, results
 from imagebatch_operator.decide import MergeOutcome, PlanSummary
-from imagebatch_operator.ingest import header_key, rows_key, scratch_db
+from imagebatch_operator.ingest import header_key, rows_key
 from imagebatch_operator.spec import BatchSpec
 from imagebatch_operator.status import Counts
 
 _BATCH = 2000
+
+
+def scratch_db(directory: str) -> tuple[sqlite3.Connection, str]:
+    """A throw-away SQLite database on disk, tuned for one writer and no durability.
+
+    The connection opens a transaction by itself before every write and commits only
+    when told: committing each row (autocommit) measured twenty times slower.
+    """
+    handle, path = tempfile.mkstemp(prefix="imagebatch-", suffix=".sqlite", dir=directory)
+    os.close(handle)
+    db = sqlite3.connect(path, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=OFF")
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("PRAGMA temp_store=FILE")
+    db.execute("PRAGMA cache_size=-8192")  # 8 MiB of pages, whatever the batch size
+    return db, path
 
 
 @dataclass(frozen=True)

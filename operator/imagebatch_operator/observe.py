@@ -66,6 +66,26 @@ def job_view(job: Mapping[str, Any]) -> JobView:
     )
 
 
+def finished_shard(pod: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(Job name, index) of a worker pod that succeeded, else None.
+
+    A succeeded pod completes its index for good; seeing it here is faster than waiting
+    for the Job controller to fold it into the Job's status.
+    """
+    if (pod.get("status") or {}).get("phase") != "Succeeded":
+        return None
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    job = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+    index = (meta.get("annotations") or {}).get(INDEX_KEY) or labels.get(INDEX_KEY)
+    if not job or not str(index).isdigit():
+        return None
+    return str(job), int(str(index))
+
+
+INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+
+
 def owner_batch(job: Mapping[str, Any]) -> str | None:
     """The name of the ImageBatch that controls a Job, if one does."""
     for ref in (job.get("metadata") or {}).get("ownerReferences") or []:

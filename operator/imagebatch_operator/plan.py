@@ -133,12 +133,17 @@ def owner_reference(batch: BatchRef) -> dict[str, Any]:
     }
 
 
+def batch_label(name: str) -> str:
+    """The value of ``LABEL_BATCH`` for a batch: its name, shortened to a label's 63."""
+    return _short(name, 63)
+
+
 def labels(batch: BatchRef, run: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "imagebatch",
         "app.kubernetes.io/component": "worker",
         "app.kubernetes.io/managed-by": "imagebatch-operator",
-        LABEL_BATCH: _short(batch.name, 63),
+        LABEL_BATCH: batch_label(batch.name),
         LABEL_RUN: run,
     }
 

@@ -123,6 +123,8 @@ class Settings:
     min_write_seconds: float = 1.0
     # Where ingest and merge spool rows and their scratch database (IMAGEBATCH_SPOOL_DIR).
     spool_dir: str = "/tmp"
+    # Namespaces watched (IMAGEBATCH_WATCH_NAMESPACES, comma separated); empty: all.
+    watch_namespaces: tuple[str, ...] = ()
     # Prometheus /metrics: port (0 turns it off) and address (IMAGEBATCH_METRICS_PORT,
     # IMAGEBATCH_METRICS_ADDRESS).
     metrics_port: int = 8081
@@ -241,6 +243,9 @@ class Settings:
             ),
             webhook_allow_nets=read_env(e, "IMAGEBATCH_WEBHOOK_ALLOW_NETS", _networks, ""),
             deny_endpoints=e.get("IMAGEBATCH_DENY_ENDPOINTS", "").strip(),
+            watch_namespaces=tuple(
+                n.strip() for n in e.get("IMAGEBATCH_WATCH_NAMESPACES", "").split(",") if n.strip()
+            ),
             metrics_port=read_env(e, "IMAGEBATCH_METRICS_PORT", _port, d.metrics_port),
             metrics_address=e.get("IMAGEBATCH_METRICS_ADDRESS", "") or d.metrics_address,
             extra_buckets=tuple(

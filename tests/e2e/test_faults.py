@@ -598,6 +598,15 @@ def test_worker_killed_mid_shard_is_retried_without_fetching_stored_images_again
     drill.server.latency = LATENCY
 
     drill.check(baseline)
+    # The batch may finish on the shard pods' success before the Job controller has
+    # folded them into the Job's status: wait for the Job to say it is complete.
+    drill.wait(
+        lambda: any(
+            c["type"] == "Complete" and c["status"] == "True"
+            for c in drill.jobs()[0]["status"].get("conditions") or []
+        ),
+        "the Job to be complete",
+    )
     job = drill.jobs()[0]
     assert job["status"].get("failed", 0) >= 1, job["status"]
     pod = json.loads(

@@ -344,10 +344,17 @@ def test_worker_pods_ran_under_the_restricted_standard(
 ) -> None:
     labels = kubectl_json(release.cluster, "get", "namespace", "shop")["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
     # Admission would have refused a non-compliant pod; the shard's pod ran and succeeded.
-    jobs = kubectl_json(release.cluster, "get", "jobs", "-n", "shop")["items"]
-    done = [j for j in jobs if j["metadata"]["labels"]["imagebatch.dev/batch"] == "spring-catalog"]
-    assert done and done[0]["status"]["succeeded"] == 1
+    # The batch can finish on its pod's success a moment before the Job says so.
+    def succeeded() -> bool:
+        jobs = kubectl_json(release.cluster, "get", "jobs", "-n", "shop")["items"]
+        done = [
+            j for j in jobs if j["metadata"]["labels"]["imagebatch.dev/batch"] == "spring-catalog"
+        ]
+        return bool(done) and done[0]["status"].get("succeeded") == 1
+
+    release.cluster.wait_for(succeeded, "the spring-catalog Job to count its pod", 30)
 
 
 def test_invalid_csv_is_failed_and_stalled(shop: dict[str, dict[str, Any]]) -> None:
@@ -382,6 +389,7 @@ def test_rbac_grants_what_the_operator_does_and_no_more(release: Release) -> Non
         ("create", "jobs.batch", "shop"),
         ("delete", "jobs.batch", "shop"),
         ("watch", "jobs.batch", "shop"),
+        ("watch", "pods", "shop"),
         ("patch", "imagebatches.imagebatch.dev/status", "shop"),
         ("update", "imagebatches.imagebatch.dev/finalizers", "shop"),
         ("get", "configmaps", "shop"),

@@ -598,6 +598,7 @@ NAMESPACED_RULES = [
     },
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 CRD_WATCH = {
@@ -636,12 +637,13 @@ def test_watching_some_namespaces_binds_a_role_in_each(helm: Path) -> None:
     assert plain_env(objects)["IMAGEBATCH_WATCH_NAMESPACES"] == "team-a,team-b"
 
 
-def test_no_wildcards_and_nothing_about_pods(helm: Path) -> None:
+def test_no_wildcards_and_pods_only_watched(helm: Path) -> None:
     for values in ({}, {"watchNamespaces": ["a"]}):
         for o in render(helm, values):
             for rule in o.get("rules", []):
                 assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
-                assert "pods" not in rule["resources"]  # the Job controller makes the pods
+                if "pods" in rule["resources"]:  # the Job controller makes them; it only reads
+                    assert rule["verbs"] == ["list", "watch"]
 
 
 def test_rbac_and_service_account_can_be_left_to_the_administrator(helm: Path) -> None:

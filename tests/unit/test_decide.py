@@ -511,3 +511,15 @@ def test_static_credentials_are_never_renewed() -> None:
     static = replace(SETTINGS, worker_credentials="static")
     obs, _ = validated(jobs=(job(active=1),), credentials_expire=None)
     assert decide(obs, static).actions == ()
+
+
+def test_every_shard_done_is_merged_before_the_job_controller_says_so() -> None:
+    # Both indexes' pods succeeded (seen by the pod watch); the Job is not complete yet.
+    obs, _ = validated(jobs=(job(completed=frozenset({0, 1}), finished=False),))
+    assert decide(obs, SETTINGS).actions == (StartMerge(RUN),)
+    # One index given up by the Job and one done: every shard has an outcome.
+    obs, _ = validated(jobs=(job(completed=frozenset({0}), failed=frozenset({1})),))
+    assert decide(obs, SETTINGS).actions == (StartMerge(RUN),)
+    # One still to go: keep following.
+    obs, _ = validated(jobs=(job(completed=frozenset({0}), active=1),))
+    assert decide(obs, SETTINGS).actions == ()

@@ -82,6 +82,9 @@ What the operator does in a namespace it watches, and nothing more:
   resources: [configmaps]
   verbs: [get]
 - apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+- apiGroups: [""]
   resources: [events]
   verbs: [create]
 {{- end }}
