@@ -160,6 +160,23 @@ class Row:
         number, cells, urls, *folded = json.loads(line)
         return Row(int(number), tuple(cells), tuple(urls), bool(folded and folded[0]))
 
+    def to_spool(self) -> str:
+        """One line of JSON without the URLs, which ``from_spool`` splits again from the
+        URL cell: a run spools every row, and the URLs would be written twice."""
+        if self.folded:
+            return _JSON.encode((self.line, self.cells, 1))
+        return _JSON.encode((self.line, self.cells))
+
+    @staticmethod
+    def from_spool(line: str | bytes, url_column: int) -> Row:
+        number, cells, *folded = json.loads(line)
+        return Row(
+            int(number),
+            tuple(cells),
+            tuple(split_urls(cells[url_column])),
+            bool(folded and folded[0]),
+        )
+
 
 # --- small pure helpers ---------------------------------------------------------------
 

@@ -202,8 +202,9 @@ class Ingest:
             if distinct > self.settings.max_images:
                 return IngestOutcome(
                     "refused",
-                    f"the CSV has more than {self.settings.max_images} distinct images, this "
-                    "operator's limit per batch (max images per batch); split it",
+                    f"the CSV has more than {self.settings.max_images} distinct images, over this "
+                    f"operator's limit of {self.settings.max_images} per batch (max images per "
+                    "batch); split it",
                     reason=Reason.OVER_LIMIT,
                 )
             return self._plan(spec, target, reader, spool, rows, distinct)
@@ -223,15 +224,16 @@ class Ingest:
         write_row = spool.rows.write
         write_url = spool.urls.write
         seen: set[bytes] = set()
+        remember = seen.add
         digest = hashlib.blake2b
         rows = 0
         for row in reader.rows():
             rows += 1
-            write_row(row.to_json() + "\n")
+            write_row(row.to_spool() + "\n")
             for url in row.urls:
                 mark = digest(url.encode(), digest_size=16).digest()
                 if mark not in seen and len(seen) <= limit:
-                    seen.add(mark)
+                    remember(mark)
                     write_url(url + "\n")  # a checked URL holds no white space
         spool.rows.close()
         spool.urls.close()

@@ -219,7 +219,7 @@ class Merge:
         def rows() -> Iterator[csvinput.Row]:
             for line in self.storage.lines(job.bucket, rows_key(job.prefix, job.run)):
                 if line:
-                    yield csvinput.Row.from_json(line)
+                    yield csvinput.Row.from_spool(line, header.urls)
 
         tally: list[results.RowTally] = []
 

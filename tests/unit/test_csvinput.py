@@ -1002,3 +1002,15 @@ def test_a_file_that_is_not_our_csv_is_described_never_quoted() -> None:
     for problem in reader.problems:
         for word in ("AKIAEXAMPLE", "hunter2", "aws_secret", "more", "stuff"):
             assert word not in problem.message and word not in problem.column
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_a_spooled_row_comes_back_with_its_urls(folded: bool) -> None:
+    row = Row(
+        7,
+        ("007", "SKU, with comma", " https://a.test/1.jpg , https://a.test/2.jpg"),
+        ("https://a.test/1.jpg", "https://a.test/2.jpg"),
+        folded,
+    )
+    assert Row.from_spool(row.to_spool(), 2) == row
+    assert "\n" not in row.to_spool()

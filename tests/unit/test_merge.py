@@ -70,7 +70,7 @@ def prepare(storage: MemoryStorage, rows: list[tuple[int, ...]], shards: list[li
             line=i + 2,
             cells=(str(i + 1), f"P{i}", ",".join(url(n) for n in images)),
             urls=tuple(url(n) for n in images),
-        ).to_json()
+        ).to_spool()
         for i, images in enumerate(rows)
     ]
     storage.objects[rows_key(PREFIX, RUN)] = "\n".join(spooled).encode()
