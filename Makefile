@@ -13,7 +13,7 @@ help:
 	@echo "make faults    the fault drills alone (also part of make test)"
 	@echo "make lint      ruff, mypy --strict and the import-linter layering contracts"
 	@echo "make cluster   start the local cluster and MinIO; Ctrl-C stops it"
-	@echo "make bench     benchmarks; the report goes to reports/bench.md"
+	@echo "make bench     benchmarks; reports go to reports/bench-worker.md and reports/bench-operator.md"
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
