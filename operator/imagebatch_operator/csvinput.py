@@ -131,6 +131,8 @@ class Header:
 # Compact JSON for spooling rows: no spaces, ASCII only, so a row is always one line
 # whatever line separators (U+2028, CR in a multi-line cell) its cells hold.
 _JSON = json.JSONEncoder(separators=(",", ":"))
+# The same encoding of one string (the C one), for rows spooled by the hundred thousand.
+_QUOTE = json.encoder.encode_basestring_ascii
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,9 +165,11 @@ class Row:
     def to_spool(self) -> str:
         """One line of JSON without the URLs, which ``from_spool`` splits again from the
         URL cell: a run spools every row, and the URLs would be written twice."""
+        # What _JSON.encode((line, cells)) writes, at a third of its cost.
+        cells = ",".join(map(_QUOTE, self.cells))
         if self.folded:
-            return _JSON.encode((self.line, self.cells, 1))
-        return _JSON.encode((self.line, self.cells))
+            return f"[{self.line},[{cells}],1]"
+        return f"[{self.line},[{cells}]]"
 
     @staticmethod
     def from_spool(line: str | bytes, url_column: int) -> Row:

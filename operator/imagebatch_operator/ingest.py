@@ -1,11 +1,13 @@
 """Validate a run's CSV and plan its shards, in bounded memory: the expensive task.
 
 One pass over the CSV: valid rows are spooled to a file (``rows.jsonl`` in storage
-afterwards, read back in row order by the merge) and each URL goes into a scratch
-SQLite database on disk, which deduplicates them in first-seen order. Memory stays
-flat whatever the CSV's size; the disk holds the rows once and each distinct URL about
-twice. Then the outputs already in storage are listed once, and every distinct image
-without an output is put in a shard manifest, uploaded as it is made. The run's plan
+afterwards, read back in row order by the merge; the URLs are left out, the merge
+takes them from the row's own cells) and each distinct URL to a second file, in
+first-seen order. Whether a URL was seen is kept as a set of 16-byte digests, bounded by
+the cap on distinct images, so memory does not grow with the CSV's size beyond that
+set; the disk holds the rows once and each distinct URL once or twice. Then the outputs
+already in storage are listed once, and every distinct image without an output is put
+in a shard manifest, uploaded as it is made. The run's plan
 (``plan.json``) is written last: its presence means the whole plan is there.
 
 An invalid CSV produces ``errors.csv`` with every problem and no plan. A CSV that
@@ -221,8 +223,8 @@ class Ingest:
         one digest (odds about 1 in 10^28) would leave the second without a shard,
         reported in errors.csv as having no result, never silently.
         """
-        write_row = spool.rows.write
-        write_url = spool.urls.write
+        write_row = spool.rows.file.write  # the file itself: the wrapper costs a call
+        write_url = spool.urls.file.write
         seen: set[bytes] = set()
         remember = seen.add
         digest = hashlib.blake2b

@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from imagebatch_common.contract import (
@@ -111,15 +112,11 @@ def shard_manifests(
     """Split the images into shards of at most ``per_shard``, in order, as they come."""
     if per_shard < 1:
         raise ValueError("imagesPerShard must be at least 1")
-    batch: list[ShardImage] = []
+    source = iter(images)
     index = 0
-    for image in images:
-        batch.append(image)
-        if len(batch) == per_shard:
-            yield ShardManifest(run, index, bucket, prefix, compression, tuple(batch))
-            batch, index = [], index + 1
-    if batch:
-        yield ShardManifest(run, index, bucket, prefix, compression, tuple(batch))
+    while batch := tuple(islice(source, per_shard)):
+        yield ShardManifest(run, index, bucket, prefix, compression, batch)
+        index += 1
 
 
 def owner_reference(batch: BatchRef) -> dict[str, Any]:
