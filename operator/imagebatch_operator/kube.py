@@ -176,21 +176,25 @@ class Kube:
 
     # -- writes ------------------------------------------------------------------
 
-    def create_secret(self, manifest: Mapping[str, Any]) -> bool:
-        """Create a Secret; False when one of that name already exists."""
+    def _create(
+        self, resource: str, manifest: Mapping[str, Any], create: Callable[..., object]
+    ) -> bool:
+        """Create a namespaced object; False when one of that name already exists."""
         meta = manifest["metadata"]
         try:
             self._call(
                 "create",
-                "secrets",
-                f"secret {meta['namespace']}/{meta['name']}",
-                lambda: self.core.create_namespaced_secret(
-                    meta["namespace"], dict(manifest), _request_timeout=_TIMEOUT
-                ),
+                resource,
+                f"{resource[:-1]} {meta['namespace']}/{meta['name']}",
+                lambda: create(meta["namespace"], dict(manifest), _request_timeout=_TIMEOUT),
             )
         except Conflict:
             return False
         return True
+
+    def create_secret(self, manifest: Mapping[str, Any]) -> bool:
+        """Create a Secret; False when one of that name already exists."""
+        return self._create("secrets", manifest, self.core.create_namespaced_secret)
 
     def replace_secret(self, manifest: Mapping[str, Any], resource_version: str) -> None:
         """Rewrite a Secret's data, labels and annotations, only if it is still the version
@@ -223,19 +227,7 @@ class Kube:
 
     def create_job(self, manifest: Mapping[str, Any]) -> bool:
         """Create the Job; False when it already exists (a previous pass made it)."""
-        meta = manifest["metadata"]
-        try:
-            self._call(
-                "create",
-                "jobs",
-                f"job {meta['namespace']}/{meta['name']}",
-                lambda: self.batch.create_namespaced_job(
-                    meta["namespace"], dict(manifest), _request_timeout=_TIMEOUT
-                ),
-            )
-        except Conflict:
-            return False
-        return True
+        return self._create("jobs", manifest, self.batch.create_namespaced_job)
 
     def patch_job(self, namespace: str, name: str, spec: Mapping[str, Any]) -> None:
         """Merge-patch a Job's spec (suspend, parallelism); a missing Job is ignored."""

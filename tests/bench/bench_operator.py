@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
 from minio import Minio
 
 from imagebatch_common.contract import Compression, ShardImage, ShardManifest, image_key
@@ -49,6 +48,7 @@ from tests.e2e.conftest import (
     OUTPUT_BUCKET,
     PUBLIC_READ,
     OperatorProcess,
+    apply,
     imagebatch,
     wait_batch,
 )
@@ -123,8 +123,11 @@ def new_namespace(cluster: LocalCluster, name: str) -> str:
 
 def apply_docs(cluster: LocalCluster, namespace: str, docs: list[dict[str, Any]]) -> None:
     for start in range(0, len(docs), 200):
-        manifest = {"apiVersion": "v1", "kind": "List", "items": docs[start : start + 200]}
-        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+        apply(
+            cluster,
+            namespace,
+            {"apiVersion": "v1", "kind": "List", "items": docs[start : start + 200]},
+        )
 
 
 def count_phase(cluster: LocalCluster, namespace: str, phase: str) -> int:
@@ -142,14 +145,7 @@ def present(
     namespace = new_namespace(cluster, "bench-present")
     csv = f"{HEADER}1,P,{images.url}/m/0.jpg\n"
     # One batch stores the image; the others find it stored and need no pod at all.
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=yaml.safe_dump(imagebatch("seed", {"inline": csv})),
-    )
+    apply(cluster, namespace, imagebatch("seed", {"inline": csv}))
     wait_batch(cluster, namespace, "seed", ("Succeeded",), 300)
     docs = [
         {**imagebatch(f"kept-{i:04d}", {"inline": csv}, output={"prefix": "seed/"})}
@@ -175,14 +171,7 @@ def apply_to_job(
         csv = f"{HEADER}1,P,{images.url}/m/{1 + i % 7}.jpg\n"
         name = f"b{i}"
         started = time.monotonic()
-        cluster.kubectl(
-            "apply",
-            "-n",
-            namespace,
-            "-f",
-            "-",
-            input=yaml.safe_dump(imagebatch(name, {"inline": csv}, suspend=True)),
-        )
+        apply(cluster, namespace, imagebatch(name, {"inline": csv}, suspend=True))
         while not cluster.kubectl_ok("get", "job", f"{name}-g1", "-n", namespace):
             time.sleep(0.02)
         seconds.append(time.monotonic() - started)
@@ -309,15 +298,10 @@ def big(
     idle = proc_status(operator.process.pid, "VmRSS")
     started = time.monotonic()
     with spool_watch(spool) as peak_spool:
-        cluster.kubectl(
-            "apply",
-            "-n",
+        apply(
+            cluster,
             namespace,
-            "-f",
-            "-",
-            input=yaml.safe_dump(
-                imagebatch("big", {"s3": {"bucket": OUTPUT_BUCKET, "key": key}}, suspend=True)
-            ),
+            imagebatch("big", {"s3": {"bucket": OUTPUT_BUCKET, "key": key}}, suspend=True),
         )
         obj = wait_batch(cluster, namespace, "big", ("Running", "Failed"), 900, interval=0.2)
     seconds = time.monotonic() - started
@@ -403,15 +387,8 @@ def orchestration(
         key = f"{namespace}/photos.csv"
         storage.put_object(OUTPUT_BUCKET, key, io.BytesIO(text), len(text))
         started = time.monotonic()
-        cluster.kubectl(
-            "apply",
-            "-n",
-            namespace,
-            "-f",
-            "-",
-            input=yaml.safe_dump(
-                imagebatch("photos", {"s3": {"bucket": OUTPUT_BUCKET, "key": key}})
-            ),
+        apply(
+            cluster, namespace, imagebatch("photos", {"s3": {"bucket": OUTPUT_BUCKET, "key": key}})
         )
         # One watching kubectl, not a poll: polling would take CPU from the run it times.
         cluster.kubectl(
@@ -458,18 +435,13 @@ def thousand_shards(
     data = text.encode()
     client.put_object(OUTPUT_BUCKET, key, io.BytesIO(data), len(data))
     started = time.monotonic()
-    cluster.kubectl(
-        "apply",
-        "-n",
+    apply(
+        cluster,
         namespace,
-        "-f",
-        "-",
-        input=yaml.safe_dump(
-            imagebatch(
-                "wide",
-                {"s3": {"bucket": OUTPUT_BUCKET, "key": key}},
-                sharding={"imagesPerShard": 1, "parallelism": parallelism},
-            )
+        imagebatch(
+            "wide",
+            {"s3": {"bucket": OUTPUT_BUCKET, "key": key}},
+            sharding={"imagesPerShard": 1, "parallelism": parallelism},
         ),
     )
     obj = wait_batch(cluster, namespace, "wide", ("Succeeded", "Failed"), 3600, 1.0)

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.cluster.stack import LocalCluster
+from tests.e2e.conftest import apply
 
 pytestmark = pytest.mark.e2e
 
@@ -155,14 +156,7 @@ def test_an_index_that_fails_once_is_retried_per_index(
     cluster: LocalCluster, namespace: str, bucket: str
 ) -> None:
     minio_secret(cluster, namespace)
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=yaml.safe_dump(indexed_job("flaky", bucket, 3, fail_once_index="1")),
-    )
+    apply(cluster, namespace, indexed_job("flaky", bucket, 3, fail_once_index="1"))
     job = wait_job(cluster, namespace, "flaky")
     conditions = {c["type"]: c["status"] for c in job["status"]["conditions"]}
     assert conditions.get("Complete") == "True", job["status"]

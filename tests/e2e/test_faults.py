@@ -43,7 +43,7 @@ from minio.error import S3Error
 from PIL import Image
 
 from tests.cluster.stack import LocalCluster
-from tests.e2e.conftest import OUTPUT_BUCKET, OperatorProcess, public_base
+from tests.e2e.conftest import OUTPUT_BUCKET, OperatorProcess, apply, public_base
 from tests.e2e.conftest import imagebatch as manifest
 from tests.support.servers import Answer, Delivery, ImageServer, WebhookReceiver, photo
 
@@ -776,14 +776,7 @@ def test_deleting_a_batch_is_prompt_with_a_hundred_others_present(
     server.latency = 5.0  # the running batch stays running throughout
     drill.apply()
     idle = [tiny_batch(f"idle-{i:03}", image, suspend=True) for i in range(100)]
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": idle}),
-    )
+    apply(cluster, namespace, {"apiVersion": "v1", "kind": "List", "items": idle})
     custom = client.CustomObjectsApi(kube)
     try:
         drill.wait_phase("Running", timeout=120)

@@ -29,7 +29,7 @@ import yaml
 
 from tests import demo
 from tests.cluster.stack import LocalCluster, free_port
-from tests.e2e.conftest import imagebatch, wait_batch
+from tests.e2e.conftest import apply, imagebatch, wait_batch
 from tests.support.servers import ImageServer, photo
 from tests.unit.test_lua_health import TESTDATA, argocd_health
 
@@ -284,23 +284,9 @@ def shop(release: Release, images: ImageServer) -> dict[str, dict[str, Any]]:
         input=HEADER + f'1,SKU1,"{s}/a.jpg,{s}/b.png"\n2,SKU2,{s}/c.jpg\n',
     )
     cluster.kubectl("apply", "-n", "shop", "-f", str(EXAMPLES / "imagebatch.yaml"))
-    cluster.kubectl(
-        "apply",
-        "-n",
-        "shop",
-        "-f",
-        "-",
-        input=yaml.safe_dump(imagebatch("broken", {"inline": HEADER + "x,,ftp://a/b\n"})),
-    )
-    cluster.kubectl(
-        "apply",
-        "-n",
-        "shop",
-        "-f",
-        "-",
-        input=yaml.safe_dump(
-            imagebatch("paused", {"inline": HEADER + f"1,A,{s}/a.jpg\n"}, suspend=True)
-        ),
+    apply(cluster, "shop", imagebatch("broken", {"inline": HEADER + "x,,ftp://a/b\n"}))
+    apply(
+        cluster, "shop", imagebatch("paused", {"inline": HEADER + f"1,A,{s}/a.jpg\n"}, suspend=True)
     )
     return {
         "succeeded": wait_batch(cluster, "shop", "spring-catalog", ("Succeeded",), 120),
@@ -471,22 +457,8 @@ def test_upgrade_with_changed_values_rolls_the_operator(
 
     # The new operator acts in team-a only.
     s = images.url
-    cluster.kubectl(
-        "apply",
-        "-n",
-        "team-a",
-        "-f",
-        "-",
-        input=yaml.safe_dump(imagebatch("watched", {"inline": HEADER + f"1,A,{s}/c.jpg\n"})),
-    )
-    cluster.kubectl(
-        "apply",
-        "-n",
-        "shop",
-        "-f",
-        "-",
-        input=yaml.safe_dump(imagebatch("ignored", {"inline": HEADER + f"1,A,{s}/c.jpg\n"})),
-    )
+    apply(cluster, "team-a", imagebatch("watched", {"inline": HEADER + f"1,A,{s}/c.jpg\n"}))
+    apply(cluster, "shop", imagebatch("ignored", {"inline": HEADER + f"1,A,{s}/c.jpg\n"}))
     watched = wait_batch(cluster, "team-a", "watched", ("Succeeded",), 120)
     assert watched["status"]["images"]["succeeded"] == 1
     time.sleep(2)
