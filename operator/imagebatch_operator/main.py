@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--namespace",
         action="append",
-        default=[n for n in os.environ.get("IMAGEBATCH_WATCH_NAMESPACES", "").split(",") if n],
+        default=[
+            n.strip()
+            for n in os.environ.get("IMAGEBATCH_WATCH_NAMESPACES", "").split(",")
+            if n.strip()
+        ],
         help="watch only this namespace (repeatable); default: every namespace",
     )
     parser.add_argument(
