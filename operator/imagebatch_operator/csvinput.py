@@ -128,10 +128,9 @@ class Header:
         return Header(**fields)
 
 
-# Compact JSON for spooling rows: no spaces, ASCII only, so a row is always one line
-# whatever line separators (U+2028, CR in a multi-line cell) its cells hold.
-_JSON = json.JSONEncoder(separators=(",", ":"))
-# The same encoding of one string (the C one), for rows spooled by the hundred thousand.
+# Spooled rows are compact JSON, ASCII only, so a row is always one line whatever line
+# separators (U+2028, CR in a multi-line cell) its cells hold. Each cell is quoted by the
+# json module's own C quoting, for rows spooled by the hundred thousand.
 _QUOTE = json.encoder.encode_basestring_ascii
 
 
@@ -151,21 +150,10 @@ class Row:
     urls: tuple[str, ...]
     folded: bool = False
 
-    def to_json(self) -> str:
-        """One line of JSON, read back by ``from_json``."""
-        if self.folded:
-            return _JSON.encode((self.line, self.cells, self.urls, 1))
-        return _JSON.encode((self.line, self.cells, self.urls))
-
-    @staticmethod
-    def from_json(line: str | bytes) -> Row:
-        number, cells, urls, *folded = json.loads(line)
-        return Row(int(number), tuple(cells), tuple(urls), bool(folded and folded[0]))
-
     def to_spool(self) -> str:
         """One line of JSON without the URLs, which ``from_spool`` splits again from the
         URL cell: a run spools every row, and the URLs would be written twice."""
-        # What _JSON.encode((line, cells)) writes, at a third of its cost.
+        # What json.dumps((line, cells), separators=(",", ":")) writes, at a third of its cost.
         cells = ",".join(map(_QUOTE, self.cells))
         if self.folded:
             return f"[{self.line},[{cells}],1]"

@@ -227,3 +227,25 @@ def test_the_longest_names_the_crd_allows_keep_the_policy_well_under_2048() -> N
         plan.output_bucket(spec, SETTINGS), plan.output_prefix(spec, batch), plan.run_id(batch)
     )
     assert len(policy) <= 1500
+
+
+@pytest.mark.parametrize("stored", [False, True, None])
+def test_a_manifest_is_written_as_json_dumps_writes_it(stored: bool | None) -> None:
+    manifest = ShardManifest(
+        "g1",
+        3,
+        "b",
+        "ns/é/",
+        Compression(40, "webp", 800),
+        (ShardImage('https://h/"q"/ü.jpg', "k1", stored), ShardImage("u", "k2", stored)),
+    )
+    doc = {
+        "run": "g1",
+        "index": 3,
+        "bucket": "b",
+        "prefix": "ns/é/",
+        "compression": {"quality": 40, "format": "webp", "max_dimension": 800},
+        "images": [{"url": i.url, "key": i.key, "stored": stored} for i in manifest.images],
+        "version": manifest.version,
+    }
+    assert manifest.to_json() == json.dumps(doc, separators=(",", ":")).encode()
